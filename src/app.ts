@@ -1,0 +1,102 @@
+import { Scalar } from "@scalar/hono-api-reference";
+import { bodyLimit } from "hono/body-limit";
+import { HTTPException } from "hono/http-exception";
+import { requestId } from "hono/request-id";
+import { secureHeaders } from "hono/secure-headers";
+import type { Context } from "hono";
+import { adminRoutes } from "./admin/routes";
+import { createDb } from "./db/client";
+import { AppError, toProblem } from "./lib/errors";
+import { systemClock, type Clock } from "./lib/clock";
+import { describeError, log } from "./lib/log";
+import { createRouter } from "./lib/openapi";
+import { healthRoutes } from "./health";
+import type { AppEnv } from "./env";
+
+export interface AppOptions {
+  clock?: Clock;
+}
+
+const MAX_BODY_BYTES = 1024 * 1024;
+
+function problemResponse(c: Context<AppEnv>, error: AppError): Response {
+  const requestId = c.get("requestId") ?? "unknown";
+  return c.body(JSON.stringify(toProblem(error, requestId)), error.status, {
+    "Content-Type": "application/problem+json",
+  });
+}
+
+function fromHttpException(error: HTTPException): AppError {
+  switch (error.status) {
+    case 400:
+      return new AppError("MALFORMED_JSON", error.message);
+    case 413:
+      return new AppError("PAYLOAD_TOO_LARGE", "The request body is over 1 MiB");
+    case 415:
+      return new AppError("UNSUPPORTED_MEDIA_TYPE", "Send the body as application/json");
+    case 401:
+      return new AppError("UNAUTHENTICATED");
+    default:
+      return new AppError("INTERNAL");
+  }
+}
+
+export function createApp(options: AppOptions = {}) {
+  const clock = options.clock ?? systemClock;
+  const app = createRouter();
+
+  app.use(requestId({ limitLength: 64 }));
+  app.use(secureHeaders());
+  app.use(async (c, next) => {
+    c.set("clock", clock);
+    c.set("db", createDb(c.env.DB));
+    await next();
+  });
+  app.use(
+    bodyLimit({
+      maxSize: MAX_BODY_BYTES,
+      onError: () => {
+        throw new AppError("PAYLOAD_TOO_LARGE", "The request body is over 1 MiB");
+      },
+    }),
+  );
+
+  app.route("/", healthRoutes);
+  app.route("/api/admin", adminRoutes);
+
+  app.openAPIRegistry.registerComponent("securitySchemes", "bearerAuth", {
+    type: "http",
+    scheme: "bearer",
+    bearerFormat: "JWT",
+  });
+  app.doc31("/openapi.json", {
+    openapi: "3.1.0",
+    info: {
+      title: "Edge Shop API",
+      version: "1.0.0",
+      description: "Wallet, catalog, first-come-first-served coupons and orders on Cloudflare Workers.",
+    },
+  });
+  app.get("/docs", Scalar({ url: "/openapi.json", pageTitle: "Edge Shop API" }));
+
+  app.notFound((c) => problemResponse(c, new AppError("NOT_FOUND", `No route for ${c.req.method} ${c.req.path}`)));
+
+  app.onError((error, c) => {
+    if (error instanceof AppError) return problemResponse(c, error);
+    if (error instanceof HTTPException) {
+      const mapped = fromHttpException(error);
+      if (mapped.code !== "INTERNAL") return problemResponse(c, mapped);
+    }
+    log("error", "unhandled error", {
+      requestId: c.get("requestId"),
+      method: c.req.method,
+      path: c.req.path,
+      ...describeError(error),
+    });
+    return problemResponse(c, new AppError("INTERNAL", "Something went wrong on our side; quote the requestId"));
+  });
+
+  return app;
+}
+
+export type App = ReturnType<typeof createApp>;

@@ -1,0 +1,47 @@
+import { z } from "@hono/zod-openapi";
+import { Timestamp } from "../lib/openapi";
+
+export const MAX_PRICE = 10_000_000;
+export const MAX_STOCK = 1_000_000;
+
+export const ProductSchema = z
+  .object({
+    id: z.number().int(),
+    name: z.string(),
+    price: z.number().int().openapi({ description: "Integer won" }),
+    stock: z.number().int(),
+    createdAt: Timestamp,
+    updatedAt: Timestamp,
+  })
+  .openapi("Product");
+
+const name = z.string().trim().min(1).max(200);
+const price = z.number().int().min(0).max(MAX_PRICE).openapi({ description: "Integer won, 0..10,000,000" });
+
+export const CreateProductBody = z
+  .strictObject({
+    name,
+    price,
+    stock: z.number().int().min(0).max(MAX_STOCK),
+  })
+  .openapi("CreateProduct");
+
+export const UpdateProductBody = z
+  .strictObject({
+    name: name.optional(),
+    price: price.optional(),
+    stockDelta: z
+      .number()
+      .int()
+      .min(-MAX_STOCK)
+      .max(MAX_STOCK)
+      .optional()
+      .openapi({ description: "Added to the stock; the stock never goes below 0 (400 OUT_OF_STOCK)" }),
+  })
+  .refine((b) => b.name !== undefined || b.price !== undefined || b.stockDelta !== undefined, {
+    message: "Give at least one of name, price, stockDelta",
+  })
+  .openapi("UpdateProduct");
+
+export type CreateProduct = z.infer<typeof CreateProductBody>;
+export type UpdateProduct = z.infer<typeof UpdateProductBody>;

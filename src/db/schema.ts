@@ -1,0 +1,236 @@
+import { sql } from "drizzle-orm";
+import { check, index, integer, primaryKey, sqliteTable, text, uniqueIndex } from "drizzle-orm/sqlite-core";
+
+// Timestamps are ISO 8601 UTC text with milliseconds: they sort lexicographically in time order.
+// Money is integer won. Every rule the services enforce is also a constraint here, the last line of defence.
+
+export const BALANCE_LIMIT = 10_000_000;
+
+export const users = sqliteTable(
+  "users",
+  {
+    id: integer("id").primaryKey({ autoIncrement: true }),
+    name: text("name").notNull(),
+    balance: integer("balance").notNull().default(0),
+    createdAt: text("created_at").notNull(),
+    updatedAt: text("updated_at").notNull(),
+  },
+  (t) => [
+    check("users_balance_non_negative", sql`${t.balance} >= 0`),
+    check("users_balance_within_limit", sql`${t.balance} <= 10000000`),
+    index("users_newest_idx").on(t.createdAt, t.id),
+  ],
+);
+
+export const walletTransactions = sqliteTable(
+  "wallet_transactions",
+  {
+    id: integer("id").primaryKey({ autoIncrement: true }),
+    userId: integer("user_id").notNull().references(() => users.id),
+    type: text("type", { enum: ["CHARGE", "PAYMENT", "REFUND"] }).notNull(),
+    amount: integer("amount").notNull(),
+    balanceAfter: integer("balance_after").notNull(),
+    orderId: integer("order_id").references(() => orders.id),
+    createdAt: text("created_at").notNull(),
+  },
+  (t) => [
+    check("wallet_transactions_type", sql`${t.type} IN ('CHARGE', 'PAYMENT', 'REFUND')`),
+    check(
+      "wallet_transactions_amount_sign",
+      sql`(${t.type} = 'PAYMENT' AND ${t.amount} < 0) OR (${t.type} <> 'PAYMENT' AND ${t.amount} > 0)`,
+    ),
+    check("wallet_transactions_balance_after", sql`${t.balanceAfter} >= 0`),
+    index("wallet_transactions_user_newest_idx").on(t.userId, t.createdAt, t.id),
+  ],
+);
+
+export const products = sqliteTable(
+  "products",
+  {
+    id: integer("id").primaryKey({ autoIncrement: true }),
+    name: text("name").notNull(),
+    price: integer("price").notNull(),
+    stock: integer("stock").notNull(),
+    createdAt: text("created_at").notNull(),
+    updatedAt: text("updated_at").notNull(),
+  },
+  (t) => [
+    check("products_price_non_negative", sql`${t.price} >= 0`),
+    check("products_stock_non_negative", sql`${t.stock} >= 0`),
+    index("products_newest_idx").on(t.createdAt, t.id),
+  ],
+);
+
+export const productSalesDaily = sqliteTable(
+  "product_sales_daily",
+  {
+    statDate: text("stat_date").notNull(),
+    productId: integer("product_id").notNull().references(() => products.id),
+    quantity: integer("quantity").notNull(),
+  },
+  (t) => [
+    primaryKey({ columns: [t.statDate, t.productId] }),
+    check("product_sales_daily_quantity", sql`${t.quantity} >= 0`),
+  ],
+);
+
+// One row per order the stats consumer has counted, written in the same batch as the upsert,
+// so a redelivered message is recognised and counted once.
+export const statsCountedOrders = sqliteTable("stats_counted_orders", {
+  orderId: integer("order_id").primaryKey(),
+  countedAt: text("counted_at").notNull(),
+});
+
+export const coupons = sqliteTable(
+  "coupons",
+  {
+    id: integer("id").primaryKey({ autoIncrement: true }),
+    name: text("name").notNull(),
+    discountType: text("discount_type", { enum: ["FIXED", "PERCENT"] }).notNull(),
+    discountValue: integer("discount_value").notNull(),
+    minOrderAmount: integer("min_order_amount").notNull().default(0),
+    totalQuantity: integer("total_quantity").notNull(),
+    issuedCount: integer("issued_count").notNull().default(0),
+    issueStartsAt: text("issue_starts_at"),
+    issueEndsAt: text("issue_ends_at"),
+    validDays: integer("valid_days").notNull(),
+    createdAt: text("created_at").notNull(),
+  },
+  (t) => [
+    check("coupons_discount_type", sql`${t.discountType} IN ('FIXED', 'PERCENT')`),
+    check(
+      "coupons_discount_value",
+      sql`${t.discountValue} >= 1 AND (${t.discountType} = 'FIXED' OR ${t.discountValue} <= 100)`,
+    ),
+    check("coupons_min_order_amount", sql`${t.minOrderAmount} >= 0`),
+    check("coupons_total_quantity", sql`${t.totalQuantity} >= 1`),
+    check("coupons_issued_within_total", sql`${t.issuedCount} >= 0 AND ${t.issuedCount} <= ${t.totalQuantity}`),
+    check("coupons_valid_days", sql`${t.validDays} >= 1`),
+  ],
+);
+
+export const userCoupons = sqliteTable(
+  "user_coupons",
+  {
+    id: integer("id").primaryKey({ autoIncrement: true }),
+    couponId: integer("coupon_id").notNull().references(() => coupons.id),
+    userId: integer("user_id").notNull().references(() => users.id),
+    status: text("status", { enum: ["AVAILABLE", "USED", "EXPIRED"] }).notNull().default("AVAILABLE"),
+    issuedAt: text("issued_at").notNull(),
+    expiresAt: text("expires_at").notNull(),
+    usedAt: text("used_at"),
+    orderId: integer("order_id"),
+  },
+  (t) => [
+    check("user_coupons_status", sql`${t.status} IN ('AVAILABLE', 'USED', 'EXPIRED')`),
+    uniqueIndex("user_coupons_coupon_user_uq").on(t.couponId, t.userId),
+    index("user_coupons_user_status_idx").on(t.userId, t.status, t.expiresAt),
+  ],
+);
+
+export const orders = sqliteTable(
+  "orders",
+  {
+    id: integer("id").primaryKey({ autoIncrement: true }),
+    // Chosen by the Worker before the batch, so statements in the same batch (and a stock
+    // reservation that outlived its Worker) can find the order without knowing its id.
+    orderKey: text("order_key").notNull(),
+    userId: integer("user_id").notNull().references(() => users.id),
+    status: text("status", { enum: ["COMPLETED"] }).notNull().default("COMPLETED"),
+    totalAmount: integer("total_amount").notNull(),
+    discountAmount: integer("discount_amount").notNull(),
+    paidAmount: integer("paid_amount").notNull(),
+    userCouponId: integer("user_coupon_id").references(() => userCoupons.id),
+    createdAt: text("created_at").notNull(),
+  },
+  (t) => [
+    check("orders_status", sql`${t.status} IN ('COMPLETED')`),
+    check(
+      "orders_amounts",
+      sql`${t.totalAmount} >= 0 AND ${t.discountAmount} >= 0 AND ${t.discountAmount} <= ${t.totalAmount} AND ${t.paidAmount} = ${t.totalAmount} - ${t.discountAmount}`,
+    ),
+    uniqueIndex("orders_order_key_uq").on(t.orderKey),
+    // A user coupon pays for at most one order.
+    uniqueIndex("orders_user_coupon_uq").on(t.userCouponId),
+    index("orders_user_newest_idx").on(t.userId, t.createdAt, t.id),
+  ],
+);
+
+export const orderItems = sqliteTable(
+  "order_items",
+  {
+    id: integer("id").primaryKey({ autoIncrement: true }),
+    orderId: integer("order_id").notNull().references(() => orders.id),
+    productId: integer("product_id").notNull().references(() => products.id),
+    name: text("name").notNull(),
+    unitPrice: integer("unit_price").notNull(),
+    quantity: integer("quantity").notNull(),
+    amount: integer("amount").notNull(),
+  },
+  (t) => [
+    check("order_items_quantity", sql`${t.quantity} >= 1 AND ${t.quantity} <= 100`),
+    check("order_items_amount", sql`${t.amount} = ${t.unitPrice} * ${t.quantity}`),
+    uniqueIndex("order_items_order_product_uq").on(t.orderId, t.productId),
+  ],
+);
+
+// Transactional outbox: written in the order's batch, moved to a queue after commit, re-sent by the
+// cron relay while `dispatched_at` is still empty.
+export const outbox = sqliteTable(
+  "outbox",
+  {
+    id: integer("id").primaryKey({ autoIncrement: true }),
+    orderId: integer("order_id").notNull().references(() => orders.id),
+    topic: text("topic", { enum: ["stats", "export"] }).notNull(),
+    payload: text("payload").notNull(),
+    createdAt: text("created_at").notNull(),
+    dispatchedAt: text("dispatched_at"),
+  },
+  (t) => [
+    check("outbox_topic", sql`${t.topic} IN ('stats', 'export')`),
+    uniqueIndex("outbox_order_topic_uq").on(t.orderId, t.topic),
+    index("outbox_undispatched_idx").on(t.dispatchedAt, t.createdAt),
+  ],
+);
+
+// Delivery state of each order's export to the data platform, as admins see it.
+export const orderExports = sqliteTable(
+  "order_exports",
+  {
+    id: integer("id").primaryKey({ autoIncrement: true }),
+    orderId: integer("order_id").notNull().references(() => orders.id),
+    status: text("status", { enum: ["PENDING", "SENT", "FAILED"] }).notNull().default("PENDING"),
+    attempts: integer("attempts").notNull().default(0),
+    lastError: text("last_error"),
+    createdAt: text("created_at").notNull(),
+    updatedAt: text("updated_at").notNull(),
+    sentAt: text("sent_at"),
+  },
+  (t) => [
+    check("order_exports_status", sql`${t.status} IN ('PENDING', 'SENT', 'FAILED')`),
+    uniqueIndex("order_exports_order_uq").on(t.orderId),
+    index("order_exports_status_newest_idx").on(t.status, t.createdAt, t.id),
+  ],
+);
+
+export const idempotencyKeys = sqliteTable(
+  "idempotency_keys",
+  {
+    // "user:42" or "admin:0": keys are scoped per caller.
+    scope: text("scope").notNull(),
+    key: text("key").notNull(),
+    requestHash: text("request_hash").notNull(),
+    state: text("state", { enum: ["IN_PROGRESS", "DONE"] }).notNull(),
+    responseStatus: integer("response_status"),
+    responseBody: text("response_body"),
+    // While IN_PROGRESS, a claim older than this is considered crashed and may be taken over.
+    lockedUntil: text("locked_until").notNull(),
+    createdAt: text("created_at").notNull(),
+    expiresAt: text("expires_at").notNull(),
+  },
+  (t) => [
+    primaryKey({ columns: [t.scope, t.key] }),
+    check("idempotency_keys_state", sql`${t.state} IN ('IN_PROGRESS', 'DONE')`),
+    index("idempotency_keys_expires_idx").on(t.expiresAt),
+  ],
+);

@@ -1,0 +1,78 @@
+import { OpenAPIHono, z } from "@hono/zod-openapi";
+import type { Hook } from "@hono/zod-openapi";
+import { AppError, ERRORS } from "./errors";
+import type { AppEnv } from "../env";
+
+// Every validation failure, from any route, becomes the same 400 VALIDATION_FAILED problem.
+const validationHook: Hook<unknown, AppEnv, string, unknown> = (result) => {
+  if (!result.success) {
+    const errors = result.error.issues.map((issue) => ({
+      path: issue.path.map(String).join(".") || "(body)",
+      message: issue.message,
+    }));
+    throw new AppError("VALIDATION_FAILED", "The request did not pass validation", errors);
+  }
+};
+
+export function createRouter() {
+  return new OpenAPIHono<AppEnv>({ defaultHook: validationHook });
+}
+
+export const ProblemSchema = z
+  .object({
+    type: z.string(),
+    title: z.string(),
+    status: z.number().int(),
+    code: z.enum(Object.keys(ERRORS) as [keyof typeof ERRORS, ...(keyof typeof ERRORS)[]]),
+    detail: z.string(),
+    requestId: z.string(),
+    errors: z.array(z.object({ path: z.string(), message: z.string() })).optional(),
+  })
+  .openapi("Problem");
+
+export const Id = z.coerce
+  .number()
+  .int()
+  .positive()
+  .max(Number.MAX_SAFE_INTEGER)
+  .openapi({ type: "integer", example: 1 });
+
+export const Timestamp = z.string().openapi({ example: "2026-11-23T08:15:30.123Z", format: "date-time" });
+
+export function jsonBody<T extends z.ZodTypeAny>(schema: T, description?: string) {
+  return { required: true, description, content: { "application/json": { schema } } } as const;
+}
+
+export function jsonResponse<T extends z.ZodTypeAny>(schema: T, description: string) {
+  return { description, content: { "application/json": { schema } } } as const;
+}
+
+const problemResponse = (description: string) =>
+  ({ description, content: { "application/problem+json": { schema: ProblemSchema } } }) as const;
+
+/** The problem responses a route can give, for the OpenAPI document. */
+export function problems(...statuses: (400 | 401 | 403 | 404 | 409 | 413 | 415 | 422)[]) {
+  const described: Record<number, string> = {
+    400: "Invalid input or a business rule refused the request",
+    401: "Missing, malformed, expired or wrongly signed token",
+    403: "The caller may not do this",
+    404: "Not found",
+    409: "Conflict with the current state",
+    413: "Body over 1 MiB",
+    415: "Body is not JSON",
+    422: "Idempotency key reused with another request",
+  };
+  return Object.fromEntries(statuses.map((s) => [s, problemResponse(described[s]!)]));
+}
+
+export const bearer = [{ bearerAuth: [] }];
+
+export const IdempotencyKeyHeader = z.object({
+  "idempotency-key": z
+    .string()
+    .min(1)
+    .max(255)
+    .regex(/^[\x20-\x7E]+$/, "1..255 printable ASCII characters")
+    .optional()
+    .openapi({ description: "Replays the first result for the same key, caller and body within 24 h" }),
+});

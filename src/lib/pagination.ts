@@ -1,0 +1,66 @@
+import { z } from "@hono/zod-openapi";
+import { and, eq, lt, or, type SQL } from "drizzle-orm";
+import type { SQLiteColumn } from "drizzle-orm/sqlite-core";
+import { AppError } from "./errors";
+
+// Keyset pagination over (created_at DESC, id DESC). The cursor is the last row's key, opaque to
+// clients (base64url JSON). Because it names a position rather than an offset, rows inserted while a
+// client pages (always newer, so earlier in the order) never shift the pages still to come.
+
+export interface CursorKey {
+  createdAt: string;
+  id: number;
+}
+
+const cursorKey = z.tuple([z.iso.datetime(), z.number().int().positive()]);
+
+export function encodeCursor(key: CursorKey): string {
+  const json = JSON.stringify([key.createdAt, key.id]);
+  return btoa(json).replaceAll("+", "-").replaceAll("/", "_").replace(/=+$/, "");
+}
+
+export function decodeCursor(cursor: string): CursorKey {
+  try {
+    if (!/^[A-Za-z0-9_-]{1,512}$/.test(cursor)) throw new Error("not base64url");
+    const json = atob(cursor.replaceAll("-", "+").replaceAll("_", "/"));
+    const [createdAt, id] = cursorKey.parse(JSON.parse(json));
+    return { createdAt, id };
+  } catch {
+    throw new AppError("VALIDATION_FAILED", "The cursor is not one this API issued", [
+      { path: "cursor", message: "Invalid cursor" },
+    ]);
+  }
+}
+
+export const pageQuery = z.object({
+  limit: z.coerce.number().int().min(1).max(100).default(20).openapi({ example: 20 }),
+  cursor: z.string().max(512).optional().openapi({ description: "Opaque cursor from a previous page's nextCursor" }),
+});
+
+export type PageQuery = z.infer<typeof pageQuery>;
+
+export interface Page<T> {
+  items: T[];
+  nextCursor: string | null;
+}
+
+/** Rows fetched with `limit + 1`: the extra row only tells whether another page exists. */
+export function toPage<R extends CursorKey, T>(rows: R[], limit: number, map: (row: R) => T): Page<T> {
+  const items = rows.slice(0, limit);
+  const last = items.at(-1);
+  return {
+    items: items.map(map),
+    nextCursor: rows.length > limit && last ? encodeCursor({ createdAt: last.createdAt, id: last.id }) : null,
+  };
+}
+
+export function pageSchema<T extends z.ZodTypeAny>(item: T) {
+  return z.object({ items: z.array(item), nextCursor: z.string().nullable() });
+}
+
+/** The rows after `cursor` in (created_at DESC, id DESC) order. */
+export function afterCursor(createdAt: SQLiteColumn, id: SQLiteColumn, cursor: string | undefined): SQL | undefined {
+  if (cursor === undefined) return undefined;
+  const key = decodeCursor(cursor);
+  return or(lt(createdAt, key.createdAt), and(eq(createdAt, key.createdAt), lt(id, key.id)));
+}

@@ -1,0 +1,44 @@
+import { desc, eq } from "drizzle-orm";
+import { users } from "../db/schema";
+import { AppError } from "../lib/errors";
+import { afterCursor, toPage, type Page, type PageQuery } from "../lib/pagination";
+import type { Clock } from "../lib/clock";
+import type { Db } from "../env";
+
+export type UserRow = typeof users.$inferSelect;
+
+export interface UserDto {
+  id: number;
+  name: string;
+  balance: number;
+  createdAt: string;
+}
+
+export const toUserDto = (u: UserRow): UserDto => ({
+  id: u.id,
+  name: u.name,
+  balance: u.balance,
+  createdAt: u.createdAt,
+});
+
+export async function createUser(db: Db, clock: Clock, name: string): Promise<UserDto> {
+  const now = clock.now().toISOString();
+  const [row] = await db.insert(users).values({ name, balance: 0, createdAt: now, updatedAt: now }).returning();
+  return toUserDto(row!);
+}
+
+export async function listUsers(db: Db, page: PageQuery): Promise<Page<UserDto>> {
+  const rows = await db
+    .select()
+    .from(users)
+    .where(afterCursor(users.createdAt, users.id, page.cursor))
+    .orderBy(desc(users.createdAt), desc(users.id))
+    .limit(page.limit + 1);
+  return toPage(rows, page.limit, toUserDto);
+}
+
+export async function getUserOrThrow(db: Db, userId: number): Promise<UserRow> {
+  const row = await db.query.users.findFirst({ where: eq(users.id, userId) });
+  if (!row) throw new AppError("USER_NOT_FOUND", `User ${userId} does not exist`);
+  return row;
+}
