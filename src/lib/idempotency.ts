@@ -1,0 +1,204 @@
+import { and, eq, lte, or } from "drizzle-orm";
+import type { Context } from "hono";
+import type { ContentfulStatusCode } from "hono/utils/http-status";
+import { createDb } from "../db/client";
+import { idempotencyKeys } from "../db/schema";
+import { callerScope } from "./auth";
+import { DAY_MS } from "./clock";
+import { AppError } from "./errors";
+import { describeError, log } from "./log";
+import { IdempotencyKeyHeader } from "./openapi";
+import { PROBLEM_CONTENT_TYPE, problemResponse } from "./problem";
+import type { AppEnv, Db } from "../env";
+
+/*
+ * Idempotent writes, for any route (charge, orders, ...):
+ *
+ *   async (c) => idempotent(c, async () => c.json(await doTheWrite(...), 200))
+ *
+ * Without an `Idempotency-Key` header the handler simply runs. With one, the first request for a
+ * (caller scope, key) pair claims it in D1 and runs the handler; its response is stored and every later
+ * request with the same key, caller and fingerprint (method + path + raw body) within 24 h gets that
+ * response again, byte for byte, with `Idempotent-Replayed: true`, and the handler does not run.
+ *
+ * - same key, other fingerprint            -> 422 IDEMPOTENCY_KEY_REUSED
+ * - same key while the first still runs    -> 409 IDEMPOTENCY_IN_PROGRESS
+ * - the handler throws an AppError (4xx)   -> the problem response is stored and replayed like a success
+ * - the handler throws anything else (5xx) -> the claim is deleted so the client can retry
+ * - the Worker dies mid-handler            -> the claim stays IN_PROGRESS until `locked_until`, then the
+ *                                             next request with the same fingerprint takes it over
+ *
+ * Use it only behind `authenticate` (the scope is the caller), and only around a handler whose effect
+ * commits in one D1 transaction: a crash after that commit but before the response is stored cannot be
+ * told apart from one before it, so after `locked_until` the handler would run again.
+ * Rows expire after 24 h; `purgeExpiredIdempotencyKeys` (cron) deletes them.
+ */
+
+export const IDEMPOTENCY_TTL_MS = DAY_MS;
+/** How long a claim protects a running handler; longer than any handler should take. */
+export const IDEMPOTENCY_LOCK_MS = 60_000;
+export const REPLAYED_HEADER = "Idempotent-Replayed";
+
+const keySchema = IdempotencyKeyHeader.shape["idempotency-key"].unwrap();
+
+type KeyRow = typeof idempotencyKeys.$inferSelect;
+
+/**
+ * Runs `handler` at most once per (caller scope, Idempotency-Key) within 24 h and returns the Response to send.
+ * Generic only so a typed route handler keeps its response type: a replay is the stored copy of what
+ * `handler` (or the problem response of its AppError) returned the first time.
+ */
+export async function idempotent<R extends Response>(c: Context<AppEnv>, handler: () => Promise<R>): Promise<R> {
+  const key = c.req.header("Idempotency-Key");
+  if (key === undefined) return handler();
+  if (!keySchema.safeParse(key).success) {
+    throw new AppError("VALIDATION_FAILED", "The Idempotency-Key header is not valid", [
+      { path: "idempotency-key", message: "1..255 printable ASCII characters" },
+    ]);
+  }
+  const caller = c.get("caller");
+  if (!caller) throw new Error("idempotent() needs an authenticated caller");
+
+  const db = c.get("db");
+  const now = c.get("clock").now();
+  const claim: Claim = {
+    scope: callerScope(caller),
+    key,
+    requestHash: await requestFingerprint(c.req.method, c.req.path, await c.req.text()),
+    lockedUntil: new Date(now.getTime() + IDEMPOTENCY_LOCK_MS).toISOString(),
+  };
+
+  // A claim released by a failing owner between our two reads is simply claimed again.
+  for (let attempt = 0; attempt < 3; attempt++) {
+    if (await tryClaim(db, claim, now)) return (await runClaimed(c, db, claim, handler)) as R;
+    const existing = await readKey(db, claim);
+    if (existing) return answerExisting(c, existing, claim) as R;
+  }
+  throw new AppError("IDEMPOTENCY_IN_PROGRESS", "A request with this idempotency key is still running");
+}
+
+/** SHA-256 (hex) of what makes two requests "the same": method, path and the raw body. */
+export async function requestFingerprint(method: string, path: string, body: string): Promise<string> {
+  const bytes = new TextEncoder().encode(`${method.toUpperCase()}\n${path}\n${body}`);
+  const digest = await crypto.subtle.digest("SHA-256", bytes);
+  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** Deletes keys past their 24 h life (the minute cron); returns how many went. */
+export async function purgeExpiredIdempotencyKeys(env: Env, now: Date): Promise<number> {
+  const result = await createDb(env.DB).delete(idempotencyKeys).where(lte(idempotencyKeys.expiresAt, now.toISOString()));
+  return result.meta.changes;
+}
+
+interface Claim {
+  scope: string;
+  key: string;
+  requestHash: string;
+  /** Also the claim's owner token: only the request that wrote it may complete or release it. */
+  lockedUntil: string;
+}
+
+/**
+ * One atomic statement: insert the claim, or take over a row that is dead, i.e. expired (any
+ * fingerprint: the key is free again) or IN_PROGRESS past its lock with the same fingerprint (a crash).
+ */
+async function tryClaim(db: Db, claim: Claim, now: Date): Promise<boolean> {
+  const at = now.toISOString();
+  const expiresAt = new Date(now.getTime() + IDEMPOTENCY_TTL_MS).toISOString();
+  const claimed = await db
+    .insert(idempotencyKeys)
+    .values({ ...claim, state: "IN_PROGRESS", createdAt: at, expiresAt })
+    .onConflictDoUpdate({
+      target: [idempotencyKeys.scope, idempotencyKeys.key],
+      set: {
+        requestHash: claim.requestHash,
+        state: "IN_PROGRESS",
+        responseStatus: null,
+        responseBody: null,
+        lockedUntil: claim.lockedUntil,
+        createdAt: at,
+        expiresAt,
+      },
+      setWhere: or(
+        lte(idempotencyKeys.expiresAt, at),
+        and(
+          eq(idempotencyKeys.state, "IN_PROGRESS"),
+          lte(idempotencyKeys.lockedUntil, at),
+          eq(idempotencyKeys.requestHash, claim.requestHash),
+        ),
+      ),
+    })
+    .returning({ key: idempotencyKeys.key });
+  return claimed.length === 1;
+}
+
+async function readKey(db: Db, claim: Claim): Promise<KeyRow | undefined> {
+  return db.query.idempotencyKeys.findFirst({
+    where: and(eq(idempotencyKeys.scope, claim.scope), eq(idempotencyKeys.key, claim.key)),
+  });
+}
+
+function answerExisting(c: Context<AppEnv>, row: KeyRow, claim: Claim): Response {
+  if (row.requestHash !== claim.requestHash) {
+    throw new AppError("IDEMPOTENCY_KEY_REUSED", "This idempotency key was already used with another request");
+  }
+  if (row.state !== "DONE" || row.responseStatus === null || row.responseBody === null) {
+    throw new AppError("IDEMPOTENCY_IN_PROGRESS", "A request with this idempotency key is still running");
+  }
+  // Through the context, so this request's own headers (X-Request-Id) are set as on any response.
+  return c.body(row.responseBody, row.responseStatus as ContentfulStatusCode, {
+    "Content-Type": storedContentType(row.responseStatus),
+    [REPLAYED_HEADER]: "true",
+  });
+}
+
+// The table keeps no content type: this API answers JSON on success and problem+json on failure.
+function storedContentType(status: number): string {
+  return status >= 400 ? PROBLEM_CONTENT_TYPE : "application/json";
+}
+
+async function runClaimed(
+  c: Context<AppEnv>,
+  db: Db,
+  claim: Claim,
+  handler: () => Promise<Response>,
+): Promise<Response> {
+  let response: Response;
+  try {
+    response = await handler();
+  } catch (error) {
+    if (!(error instanceof AppError) || error.status >= 500) {
+      await release(db, claim);
+      throw error;
+    }
+    response = problemResponse(c, error);
+  }
+  if (response.status >= 500) {
+    await release(db, claim);
+    return response;
+  }
+  const body = await response.text();
+  await db
+    .update(idempotencyKeys)
+    .set({ state: "DONE", responseStatus: response.status, responseBody: body })
+    .where(owned(claim));
+  return new Response(body, { status: response.status, headers: response.headers });
+}
+
+// Best effort: if D1 is down the claim simply expires at `locked_until`; the original failure matters more.
+async function release(db: Db, claim: Claim): Promise<void> {
+  try {
+    await db.delete(idempotencyKeys).where(owned(claim));
+  } catch (error) {
+    log("warn", "could not release an idempotency claim", { scope: claim.scope, ...describeError(error) });
+  }
+}
+
+function owned(claim: Claim) {
+  return and(
+    eq(idempotencyKeys.scope, claim.scope),
+    eq(idempotencyKeys.key, claim.key),
+    eq(idempotencyKeys.state, "IN_PROGRESS"),
+    eq(idempotencyKeys.lockedUntil, claim.lockedUntil),
+  );
+}

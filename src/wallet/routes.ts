@@ -1,0 +1,69 @@
+import { createRoute } from "@hono/zod-openapi";
+import { actingUserId, authenticate } from "../lib/auth";
+import { idempotent } from "../lib/idempotency";
+import { bearer, createRouter, IdempotencyKeyHeader, jsonBody, jsonResponse, problems } from "../lib/openapi";
+import { pageSchema } from "../lib/pagination";
+import {
+  BalanceParams,
+  BalanceSchema,
+  ChargeBody,
+  ChargeResultSchema,
+  HistoryQuery,
+  TransactionSchema,
+} from "./schemas";
+import { chargeBalance, getBalance, listTransactions } from "./service";
+
+const walletRoute = { tags: ["Wallet"], security: bearer, middleware: [authenticate] };
+
+export const walletRoutes = createRouter()
+  .openapi(
+    createRoute({
+      ...walletRoute,
+      method: "get",
+      path: "/balance/{userId}",
+      summary: "A user's balance (a user reads only their own)",
+      request: { params: BalanceParams },
+      responses: { 200: jsonResponse(BalanceSchema, "The balance"), ...problems(400, 401, 403, 404) },
+    }),
+    async (c) => {
+      const userId = actingUserId(c.get("caller"), c.req.valid("param").userId);
+      return c.json(await getBalance(c.get("db"), userId), 200);
+    },
+  )
+  .openapi(
+    createRoute({
+      ...walletRoute,
+      method: "post",
+      path: "/balance/charge",
+      summary: "Charge a wallet (idempotent with Idempotency-Key)",
+      request: { headers: IdempotencyKeyHeader, body: jsonBody(ChargeBody) },
+      responses: {
+        200: jsonResponse(ChargeResultSchema, "The new balance and its ledger entry"),
+        ...problems(400, 401, 403, 404, 409, 413, 415, 422),
+      },
+    }),
+    async (c) =>
+      idempotent(c, async () => {
+        const { userId, amount } = c.req.valid("json");
+        const target = actingUserId(c.get("caller"), userId);
+        return c.json(await chargeBalance(c.get("db"), c.get("clock"), target, amount), 200);
+      }),
+  )
+  .openapi(
+    createRoute({
+      ...walletRoute,
+      method: "get",
+      path: "/users/balance/history",
+      summary: "Wallet transactions, newest first (an admin names the userId)",
+      request: { query: HistoryQuery },
+      responses: {
+        200: jsonResponse(pageSchema(TransactionSchema), "A page of transactions"),
+        ...problems(400, 401, 403, 404),
+      },
+    }),
+    async (c) => {
+      const { userId, ...page } = c.req.valid("query");
+      const target = actingUserId(c.get("caller"), userId);
+      return c.json(await listTransactions(c.get("db"), target, page), 200);
+    },
+  );

@@ -1,0 +1,106 @@
+import { and, desc, eq, sql } from "drizzle-orm";
+import { BALANCE_LIMIT, users, walletTransactions } from "../db/schema";
+import { AppError } from "../lib/errors";
+import { afterCursor, toPage, type Page, type PageQuery } from "../lib/pagination";
+import { getUserOrThrow } from "../users/service";
+import type { Clock } from "../lib/clock";
+import type { Db } from "../env";
+
+export interface TransactionDto {
+  id: number;
+  type: "CHARGE" | "PAYMENT" | "REFUND";
+  amount: number;
+  balanceAfter: number;
+  orderId: number | null;
+  createdAt: string;
+}
+
+export interface BalanceDto {
+  userId: number;
+  balance: number;
+  updatedAt: string;
+}
+
+export interface ChargeResult {
+  userId: number;
+  balance: number;
+  transaction: TransactionDto;
+}
+
+const toTransactionDto = (t: typeof walletTransactions.$inferSelect): TransactionDto => ({
+  id: t.id,
+  type: t.type,
+  amount: t.amount,
+  balanceAfter: t.balanceAfter,
+  orderId: t.orderId,
+  createdAt: t.createdAt,
+});
+
+export async function getBalance(db: Db, userId: number): Promise<BalanceDto> {
+  const user = await getUserOrThrow(db, userId);
+  return { userId: user.id, balance: user.balance, updatedAt: user.updatedAt };
+}
+
+/**
+ * Adds `amount` to the balance and writes its ledger row in one D1 transaction. The update is a
+ * guarded `balance = balance + ?` (no read-modify-write in the Worker), so parallel charges all land
+ * and none can push the balance past the limit.
+ */
+export async function chargeBalance(db: Db, clock: Clock, userId: number, amount: number): Promise<ChargeResult> {
+  const now = clock.now().toISOString();
+  const [updated, recorded] = await db.batch([
+    db
+      .update(users)
+      .set({ balance: sql`${users.balance} + ${amount}`, updatedAt: now })
+      .where(and(eq(users.id, userId), sql`${users.balance} + ${amount} <= ${BALANCE_LIMIT}`))
+      .returning({ balance: users.balance }),
+    recordCharge(db, userId, amount, now),
+  ]);
+  const [transaction] = recorded;
+  if (!updated[0] || !transaction) {
+    // Users are never deleted, so this read only picks which refusal it was; it cannot race the update.
+    await getUserOrThrow(db, userId);
+    throw new AppError("BALANCE_LIMIT_EXCEEDED", `The balance may not pass ${BALANCE_LIMIT} won`);
+  }
+  return { userId, balance: updated[0].balance, transaction: toTransactionDto(transaction) };
+}
+
+/**
+ * The CHARGE ledger row for the balance update just before it in the same batch; it writes nothing
+ * when that update changed no row. `balance_after` is read from the updated row inside the
+ * transaction, never computed in the Worker. `created_at` never goes below the user's newest entry:
+ * the Worker reads its clock before the batch queues for D1, so without this a later commit could
+ * sort as older, and the history's order (and "newest balanceAfter == balance") would disagree with
+ * the order the changes were applied in.
+ */
+function recordCharge(db: Db, userId: number, amount: number, now: string) {
+  const ledger = walletTransactions;
+  const newestForUser = sql`(SELECT MAX(${ledger.createdAt}) FROM ${ledger} WHERE ${ledger.userId} = ${users.id})`;
+  // Drizzle's INSERT ... SELECT names every column in table order (id, user_id, type, amount,
+  // balance_after, order_id, created_at); NULL lets SQLite assign the id.
+  return db
+    .insert(ledger)
+    .select(
+      sql`SELECT NULL, ${users.id}, 'CHARGE', ${amount}, ${users.balance}, NULL,
+        MAX(${now}, COALESCE(${newestForUser}, ''))
+      FROM ${users} WHERE ${users.id} = ${userId} AND changes() = 1`,
+    )
+    .returning();
+}
+
+/** The user's transactions, newest first (ties by id), keyset-paginated. */
+export async function listTransactions(db: Db, userId: number, page: PageQuery): Promise<Page<TransactionDto>> {
+  await getUserOrThrow(db, userId);
+  const rows = await db
+    .select()
+    .from(walletTransactions)
+    .where(
+      and(
+        eq(walletTransactions.userId, userId),
+        afterCursor(walletTransactions.createdAt, walletTransactions.id, page.cursor),
+      ),
+    )
+    .orderBy(desc(walletTransactions.createdAt), desc(walletTransactions.id))
+    .limit(page.limit + 1);
+  return toPage(rows, page.limit, toTransactionDto);
+}

@@ -1,0 +1,264 @@
+import { createExecutionContext, createScheduledController } from "cloudflare:test";
+import { env } from "cloudflare:workers";
+import { describe, expect, it } from "vitest";
+import { createApp } from "../../src/app";
+import { authenticate } from "../../src/lib/auth";
+import { fixedClock, DAY_MS } from "../../src/lib/clock";
+import { AppError } from "../../src/lib/errors";
+import { idempotent, purgeExpiredIdempotencyKeys, requestFingerprint } from "../../src/lib/idempotency";
+import { handleScheduled } from "../../src/scheduled";
+import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
+import { makeUser } from "../helpers/factories";
+
+const CHARGE = "/api/balance/charge";
+
+const chargeWithKey = (token: string, key: string, body: unknown, extra: Record<string, string> = {}) =>
+  call("POST", CHARGE, { token, body, headers: { "Idempotency-Key": key, ...extra } });
+
+const newKey = () => `key-${crypto.randomUUID()}`;
+
+async function ledgerCount(userId: number): Promise<number> {
+  const row = await env.DB.prepare("SELECT COUNT(*) AS n FROM wallet_transactions WHERE user_id = ?")
+    .bind(userId)
+    .first<{ n: number }>();
+  return row!.n;
+}
+
+async function keyRow(scope: string, key: string) {
+  return env.DB.prepare("SELECT * FROM idempotency_keys WHERE scope = ? AND key = ?").bind(scope, key).first();
+}
+
+const LONG_AGO = "2020-01-01T00:00:00.000Z";
+const FAR_AHEAD = "2999-01-01T00:00:00.000Z";
+
+interface SeededKey {
+  scope: string;
+  key: string;
+  hash: string;
+  state?: "IN_PROGRESS" | "DONE";
+  lockedUntil?: string;
+  expiresAt?: string;
+}
+
+/** Puts a key row straight into D1 (by default a claim that crashed long ago), as a request would have left it. */
+async function seedKey(row: SeededKey) {
+  const { scope, key, hash, state = "IN_PROGRESS", lockedUntil = LONG_AGO, expiresAt = FAR_AHEAD } = row;
+  await env.DB.prepare(
+    `INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at)
+     VALUES (?, ?, ?, ?, ?, ?, ?)`,
+  )
+    .bind(scope, key, hash, state, lockedUntil, LONG_AGO, expiresAt)
+    .run();
+}
+
+const chargeHash = (body: unknown) => requestFingerprint("POST", CHARGE, JSON.stringify(body));
+
+describe("replay", () => {
+  it("the same key and body replays the first response byte for byte and charges once", async () => {
+    const user = await makeUser();
+    const token = await tokenFor(user.id);
+    const key = newKey();
+    const first = await chargeWithKey(token, key, { amount: 5_000 });
+    expect(first.status).toBe(200);
+    expect(first.headers.get("idempotent-replayed")).toBeNull();
+    expect(first.headers.get("x-request-id")).toBeTruthy();
+
+    const again = await chargeWithKey(token, key, { amount: 5_000 }, { "X-Request-Id": "second-try" });
+    expect(again.status).toBe(200);
+    expect(again.headers.get("idempotent-replayed")).toBe("true");
+    expect(again.text).toBe(first.text);
+    expect(again.headers.get("content-type")).toBe(first.headers.get("content-type"));
+    expect(again.headers.get("x-request-id")).toBe("second-try");
+    expect(again.headers.get("x-content-type-options")).toBe("nosniff");
+    expect(await ledgerCount(user.id)).toBe(1);
+    expect((await call("GET", `/api/balance/${user.id}`, { token })).body.balance).toBe(5_000);
+  });
+
+  it("a 4xx business failure is stored and replayed too, request id and all", async () => {
+    const key = newKey();
+    const admin = await adminToken();
+    const body = { userId: 987654321, amount: 100 };
+    const first = await chargeWithKey(admin, key, body, { "X-Request-Id": "first-try" });
+    expectProblem(first, 404, "USER_NOT_FOUND");
+    const again = await chargeWithKey(admin, key, body, { "X-Request-Id": "second-try" });
+    expectProblem(again, 404, "USER_NOT_FOUND");
+    expect(again.headers.get("idempotent-replayed")).toBe("true");
+    expect(again.text).toBe(first.text);
+    expect(again.body.requestId).toBe("first-try");
+    expect(again.headers.get("content-type")).toBe(first.headers.get("content-type"));
+  });
+
+  it("without the header every request runs", async () => {
+    const user = await makeUser();
+    const token = await tokenFor(user.id);
+    await call("POST", CHARGE, { token, body: { amount: 10 } });
+    await call("POST", CHARGE, { token, body: { amount: 10 } });
+    expect(await ledgerCount(user.id)).toBe(2);
+  });
+
+  it("keys are scoped per caller: two users (and an admin) may use the same key", async () => {
+    const [a, b] = [await makeUser(), await makeUser()];
+    const key = newKey();
+    const resA = await chargeWithKey(await tokenFor(a.id), key, { amount: 100 });
+    const resB = await chargeWithKey(await tokenFor(b.id), key, { amount: 100 });
+    const resAdmin = await chargeWithKey(await adminToken(), key, { userId: a.id, amount: 100 });
+    for (const res of [resA, resB, resAdmin]) {
+      expect(res.status).toBe(200);
+      expect(res.headers.get("idempotent-replayed")).toBeNull();
+    }
+    expect([await ledgerCount(a.id), await ledgerCount(b.id)]).toEqual([2, 1]);
+  });
+
+  it("a key lives 24 hours: replayed just before, run afresh after", async () => {
+    const clock = fixedClock("2026-11-23T08:00:00.000Z");
+    const app = createApp({ clock });
+    const user = await makeUser();
+    const token = await tokenFor(user.id);
+    const key = newKey();
+    const send = () => call("POST", CHARGE, { app, token, body: { amount: 700 }, headers: { "Idempotency-Key": key } });
+
+    expect((await send()).headers.get("idempotent-replayed")).toBeNull();
+    clock.advance(DAY_MS - 1);
+    expect((await send()).headers.get("idempotent-replayed")).toBe("true");
+    clock.advance(1);
+    const fresh = await send();
+    expect(fresh.status).toBe(200);
+    expect(fresh.headers.get("idempotent-replayed")).toBeNull();
+    expect(await ledgerCount(user.id)).toBe(2);
+  });
+});
+
+describe("misuse", () => {
+  it("422 IDEMPOTENCY_KEY_REUSED for the same key with another body; nothing is charged again", async () => {
+    const user = await makeUser();
+    const token = await tokenFor(user.id);
+    const key = newKey();
+    expect((await chargeWithKey(token, key, { amount: 100 })).status).toBe(200);
+    expectProblem(await chargeWithKey(token, key, { amount: 200 }), 422, "IDEMPOTENCY_KEY_REUSED");
+    expectProblem(await chargeWithKey(token, key, { userId: user.id, amount: 100 }), 422, "IDEMPOTENCY_KEY_REUSED");
+    expect(await ledgerCount(user.id)).toBe(1);
+  });
+
+  it("400 VALIDATION_FAILED for a key that is empty, too long or not printable ASCII", async () => {
+    const user = await makeUser();
+    const token = await tokenFor(user.id);
+    for (const key of ["", "x".repeat(256), "del\x7f", "a\tb"]) {
+      expectProblem(await chargeWithKey(token, key, { amount: 100 }), 400, "VALIDATION_FAILED");
+    }
+    expect((await chargeWithKey(token, "~".repeat(255), { amount: 100 })).status).toBe(200);
+    expect(await ledgerCount(user.id)).toBe(1);
+  });
+
+  it("409 IDEMPOTENCY_IN_PROGRESS while the first request still runs (422 if the body differs)", async () => {
+    const user = await makeUser();
+    const key = newKey();
+    const body = { amount: 300 };
+    const lockedUntil = new Date(Date.now() + 60_000).toISOString();
+    await seedKey({ scope: `user:${user.id}`, key, hash: await chargeHash(body), state: "IN_PROGRESS", lockedUntil });
+    const token = await tokenFor(user.id);
+    expectProblem(await chargeWithKey(token, key, body), 409, "IDEMPOTENCY_IN_PROGRESS");
+    expectProblem(await chargeWithKey(token, key, { amount: 301 }), 422, "IDEMPOTENCY_KEY_REUSED");
+    expect(await ledgerCount(user.id)).toBe(0);
+  });
+});
+
+describe("concurrency and failure", () => {
+  it("20 parallel requests with one key charge exactly once; the others replay or get 409", async () => {
+    const user = await makeUser();
+    const token = await tokenFor(user.id);
+    const key = newKey();
+    const results = await Promise.all(Array.from({ length: 20 }, () => chargeWithKey(token, key, { amount: 1_234 })));
+    const ran = results.filter((r) => r.status === 200 && r.headers.get("idempotent-replayed") === null);
+    const replayed = results.filter((r) => r.headers.get("idempotent-replayed") === "true");
+    const busy = results.filter((r) => r.status === 409);
+    expect(ran).toHaveLength(1);
+    expect(ran.length + replayed.length + busy.length).toBe(20);
+    for (const r of replayed) expect(r.text).toBe(ran[0]!.text);
+    for (const r of busy) expectProblem(r, 409, "IDEMPOTENCY_IN_PROGRESS");
+    expect(await ledgerCount(user.id)).toBe(1);
+    const row = await env.DB.prepare("SELECT balance FROM users WHERE id = ?").bind(user.id).first();
+    expect(row).toEqual({ balance: 1_234 });
+    expect(await keyRow(`user:${user.id}`, key)).toMatchObject({ state: "DONE", response_status: 200 });
+  });
+
+  it("a crashed claim (IN_PROGRESS past its lock) is taken over by a retry with the same body", async () => {
+    const user = await makeUser();
+    const key = newKey();
+    const body = { amount: 900 };
+    const scope = `user:${user.id}`;
+    await seedKey({ scope, key, hash: await chargeHash(body) });
+    const token = await tokenFor(user.id);
+    const res = await chargeWithKey(token, key, body);
+    expect(res.status).toBe(200);
+    expect(res.headers.get("idempotent-replayed")).toBeNull();
+    expect(await ledgerCount(user.id)).toBe(1);
+    expect(await keyRow(scope, key)).toMatchObject({ state: "DONE", response_status: 200, response_body: res.text });
+    expect((await chargeWithKey(token, key, body)).headers.get("idempotent-replayed")).toBe("true");
+  });
+
+  it("a crashed claim is not taken over by a request with another body", async () => {
+    const user = await makeUser();
+    const key = newKey();
+    const scope = `user:${user.id}`;
+    await seedKey({ scope, key, hash: await chargeHash({ amount: 1 }) });
+    expectProblem(await chargeWithKey(await tokenFor(user.id), key, { amount: 2 }), 422, "IDEMPOTENCY_KEY_REUSED");
+    expect(await ledgerCount(user.id)).toBe(0);
+  });
+
+  it("an unexpected failure (5xx) releases the claim so the client can retry", async () => {
+    let failures = 2;
+    let runs = 0;
+    const app = createApp();
+    app.post("/test/flaky", authenticate, (c) =>
+      idempotent(c, async () => {
+        runs++;
+        if (failures === 2) {
+          failures--;
+          throw new Error("D1 went away");
+        }
+        if (failures === 1) {
+          failures--;
+          throw new AppError("SERVICE_UNAVAILABLE", "try later");
+        }
+        return c.json({ ok: true }, 200);
+      }),
+    );
+    const user = await makeUser();
+    const key = newKey();
+    const token = await tokenFor(user.id);
+    const send = () => call("POST", "/test/flaky", { app, token, body: { x: 1 }, headers: { "Idempotency-Key": key } });
+
+    expectProblem(await send(), 500, "INTERNAL");
+    expect(await keyRow(`user:${user.id}`, key)).toBeNull();
+    expectProblem(await send(), 503, "SERVICE_UNAVAILABLE");
+    expect(await keyRow(`user:${user.id}`, key)).toBeNull();
+    expect((await send()).status).toBe(200);
+    expect((await send()).headers.get("idempotent-replayed")).toBe("true");
+    expect(runs).toBe(3);
+  });
+});
+
+describe("purge", () => {
+  it("deletes keys past their expiry and keeps the rest", async () => {
+    const scope = `user:purge-${crypto.randomUUID()}`;
+    const now = new Date("2030-01-02T00:00:00.000Z");
+    const rows = [
+      { key: "expired", expiresAt: "2030-01-01T23:59:59.999Z" },
+      { key: "expires-now", expiresAt: "2030-01-02T00:00:00.000Z" },
+      { key: "alive", expiresAt: "2030-01-02T00:00:00.001Z" },
+    ];
+    for (const { key, expiresAt } of rows) await seedKey({ scope, key, hash: "h", state: "DONE", expiresAt });
+
+    expect(await purgeExpiredIdempotencyKeys(env, now)).toBeGreaterThanOrEqual(2);
+    const left = await env.DB.prepare("SELECT key FROM idempotency_keys WHERE scope = ?").bind(scope).all();
+    expect(left.results).toEqual([{ key: "alive" }]);
+  });
+
+  it("runs from the minute cron", async () => {
+    const scope = `user:cron-${crypto.randomUUID()}`;
+    await seedKey({ scope, key: "old", hash: "h", state: "DONE", expiresAt: "2020-01-02T00:00:00.000Z" });
+    const controller = createScheduledController({ scheduledTime: new Date(), cron: "* * * * *" });
+    await handleScheduled(controller, env, createExecutionContext());
+    expect(await keyRow(scope, "old")).toBeNull();
+  });
+});
