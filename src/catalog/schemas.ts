@@ -45,3 +45,18 @@ export const UpdateProductBody = z
 
 export type CreateProduct = z.infer<typeof CreateProductBody>;
 export type UpdateProduct = z.infer<typeof UpdateProductBody>;
+
+export const PopularSchema = z
+  .object({
+    items: z.array(
+      z.object({
+        rank: z.number().int().openapi({ description: "1 for the best seller" }),
+        product: ProductSchema,
+        quantitySold: z.number().int(),
+      }),
+    ),
+    from: z.iso.date().openapi({ description: "First UTC date of the window (today - 3 days)", example: "2026-11-20" }),
+    to: z.iso.date().openapi({ description: "Last UTC date of the window (today)", example: "2026-11-23" }),
+    generatedAt: Timestamp,
+  })
+  .openapi("PopularProducts");

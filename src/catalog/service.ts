@@ -1,10 +1,15 @@
-import { eq, sql } from "drizzle-orm";
+import { desc, eq } from "drizzle-orm";
 import { products } from "../db/schema";
-import { isConstraintViolation } from "../db/errors";
 import { AppError } from "../lib/errors";
+import { afterCursor, decodeCursor, encodeCursor, toPage, type Page, type PageQuery } from "../lib/pagination";
 import type { Clock } from "../lib/clock";
 import type { Db } from "../env";
+import { catalogVersion, invalidateCatalog, readThrough } from "./cache";
+import { adjustStock } from "../orders/stock";
 import type { CreateProduct, UpdateProduct } from "./schemas";
+
+/** How long a product-list page may be served from KV (the seed's 60 s; also KV's minimum TTL). */
+export const PRODUCT_LIST_TTL_SECONDS = 60;
 
 export type ProductRow = typeof products.$inferSelect;
 
@@ -32,32 +37,69 @@ export async function getProduct(db: Db, productId: number): Promise<ProductDto>
   return toProductDto(row);
 }
 
-export async function createProduct(db: Db, clock: Clock, input: CreateProduct): Promise<ProductDto> {
+/** Products newest first, by (created_at, id) descending. */
+export async function listProducts(db: Db, page: PageQuery): Promise<Page<ProductDto>> {
+  const rows = await db
+    .select()
+    .from(products)
+    .where(afterCursor(products.createdAt, products.id, page.cursor))
+    .orderBy(desc(products.createdAt), desc(products.id))
+    .limit(page.limit + 1);
+  return toPage(rows, page.limit, toProductDto);
+}
+
+/** A product-list page as JSON text: from KV while the catalog version is unchanged, else from D1. */
+export async function productListBody(db: Db, cache: KVNamespace, page: PageQuery): Promise<string> {
+  // Decoding first rejects a garbled cursor before any KV access; re-encoding gives one key per position.
+  const position = page.cursor === undefined ? "first" : encodeCursor(decodeCursor(page.cursor));
+  const version = await catalogVersion(cache);
+  const load = () => listProducts(db, page);
+  if (version === null) return JSON.stringify(await load());
+  return readThrough(cache, `catalog:${version}:products:${page.limit}:${position}`, PRODUCT_LIST_TTL_SECONDS, load);
+}
+
+export async function createProduct(db: Db, cache: KVNamespace, clock: Clock, input: CreateProduct): Promise<ProductDto> {
   const now = clock.now().toISOString();
   const [row] = await db
     .insert(products)
     .values({ ...input, createdAt: now, updatedAt: now })
     .returning();
+  await invalidateCatalog(cache);
   return toProductDto(row!);
 }
 
 /**
- * Renames, reprices and restocks. The stock change is one atomic `stock = stock + delta`;
- * the table's CHECK (stock >= 0) refuses a change that would go below zero.
+ * Renames, reprices and restocks. A stock change goes through the product's stock object, which owns the
+ * decision (it must not hand out stock reserved by orders in flight) and writes the whole change to D1;
+ * D1's CHECK (stock >= 0) still backs it. Without a stock change the row is updated in D1 directly.
  */
-export async function updateProduct(db: Db, clock: Clock, productId: number, input: UpdateProduct): Promise<ProductDto> {
-  const set: Partial<typeof products.$inferInsert> = { updatedAt: clock.now().toISOString() };
-  if (input.name !== undefined) set.name = input.name;
-  if (input.price !== undefined) set.price = input.price;
-  if (input.stockDelta !== undefined) set.stock = sql<number>`${products.stock} + ${input.stockDelta}` as unknown as number;
-  try {
-    const [row] = await db.update(products).set(set).where(eq(products.id, productId)).returning();
-    if (!row) throw new AppError("PRODUCT_NOT_FOUND", `Product ${productId} does not exist`);
-    return toProductDto(row);
-  } catch (error) {
-    if (isConstraintViolation(error, "products_stock_non_negative")) {
-      throw new AppError("OUT_OF_STOCK", "The stock would go below zero");
+export async function updateProduct(
+  db: Db,
+  env: Env,
+  clock: Clock,
+  productId: number,
+  input: UpdateProduct,
+): Promise<ProductDto> {
+  const updatedAt = clock.now().toISOString();
+  let product: ProductDto;
+  if (input.stockDelta !== undefined) {
+    const result = await adjustStock(env, productId, { ...input, stockDelta: input.stockDelta, updatedAt });
+    if (!result.ok) {
+      throw result.reason === "OUT_OF_STOCK"
+        ? new AppError("OUT_OF_STOCK", "The stock would go below zero or into stock reserved by orders in flight")
+        : new AppError("PRODUCT_NOT_FOUND", `Product ${productId} does not exist`);
     }
-    throw error;
+    const r = result.product;
+    product = { id: r.id, name: r.name, price: r.price, stock: r.stock, createdAt: r.created_at, updatedAt: r.updated_at };
+  } else {
+    const [row] = await db
+      .update(products)
+      .set({ name: input.name, price: input.price, updatedAt })
+      .where(eq(products.id, productId))
+      .returning();
+    if (!row) throw new AppError("PRODUCT_NOT_FOUND", `Product ${productId} does not exist`);
+    product = toProductDto(row);
   }
+  await invalidateCatalog(env.CACHE);
+  return product;
 }

@@ -1,0 +1,67 @@
+import { createRoute, z } from "@hono/zod-openapi";
+import { etag } from "hono/etag";
+import type { Context } from "hono";
+import { createRouter, Id, jsonResponse, problems } from "../lib/openapi";
+import { pageQuery, pageSchema } from "../lib/pagination";
+import type { AppEnv } from "../env";
+import { popularBody } from "./popular";
+import { PopularSchema, ProductSchema } from "./schemas";
+import { getProduct, productListBody } from "./service";
+
+const catalogRoute = { tags: ["Catalog"] };
+
+// A strong ETag is the SHA-256 of the body; If-None-Match on it gets a bodiless 304.
+const sha256 = (body: Uint8Array) => crypto.subtle.digest("SHA-256", body);
+const revalidation = etag({ generateDigest: sha256, retainedHeaders: ["cache-control", "etag", "vary", "x-request-id"] });
+
+const notModified = { 304: { description: "Not modified: the If-None-Match ETag is current" } };
+
+/** A cached JSON body, revalidatable by clients and shared caches for `maxAge` seconds. */
+function cachedJson(c: Context<AppEnv>, body: string, maxAge: number) {
+  return c.body(body, 200, { "Content-Type": "application/json", "Cache-Control": `public, max-age=${maxAge}` });
+}
+
+export const catalogRoutes = createRouter()
+  .openapi(
+    createRoute({
+      ...catalogRoute,
+      method: "get",
+      path: "/",
+      summary: "List products, newest first (cached, up to 60 s stale)",
+      middleware: [revalidation] as const,
+      request: { query: pageQuery },
+      responses: {
+        200: jsonResponse(pageSchema(ProductSchema), "A page of products"),
+        ...notModified,
+        ...problems(400),
+      },
+    }),
+    async (c) => cachedJson(c, await productListBody(c.get("db"), c.env.CACHE, c.req.valid("query")), 60),
+  )
+  // Registered before /{productId} so "popular" is never taken for an id.
+  .openapi(
+    createRoute({
+      ...catalogRoute,
+      method: "get",
+      path: "/popular",
+      summary: "Top 5 products by quantity sold over the last 3 days and today (UTC; cached up to 30 min)",
+      middleware: [revalidation] as const,
+      responses: { 200: jsonResponse(PopularSchema, "The ranking"), ...notModified },
+    }),
+    async (c) => cachedJson(c, await popularBody(c.get("db"), c.env.CACHE, c.get("clock").now()), 60),
+  )
+  .openapi(
+    createRoute({
+      ...catalogRoute,
+      method: "get",
+      path: "/{productId}",
+      summary: "One product, read from D1 (never stale on stock)",
+      request: { params: z.object({ productId: Id }) },
+      responses: { 200: jsonResponse(ProductSchema, "The product"), ...problems(400, 404) },
+    }),
+    async (c) => {
+      const product = await getProduct(c.get("db"), c.req.valid("param").productId);
+      c.header("Cache-Control", "no-store");
+      return c.json(product, 200);
+    },
+  );

@@ -1,0 +1,62 @@
+import { describe, expect, it, vi } from "vitest";
+import { invalidateCatalog, readThrough } from "../../src/catalog/cache";
+
+function fakeKv(stored: Record<string, string> = {}, failures: { get?: boolean; put?: boolean } = {}) {
+  const put = vi.fn(async (key: string, value: string, _options?: KVNamespacePutOptions) => {
+    if (failures.put) throw new Error("KV PUT failed: 429 Too Many Requests");
+    stored[key] = value;
+  });
+  const get = vi.fn(async (key: string) => {
+    if (failures.get) throw new Error("KV GET failed");
+    return stored[key] ?? null;
+  });
+  return { kv: { get, put } as unknown as KVNamespace, get, put, stored };
+}
+
+describe("readThrough", () => {
+  it("serves a hit as stored, without computing", async () => {
+    const { kv, put } = fakeKv({ k: '{"cached":true}' });
+    const compute = vi.fn(async () => ({ cached: false }));
+    expect(await readThrough(kv, "k", 60, compute)).toBe('{"cached":true}');
+    expect(compute).not.toHaveBeenCalled();
+    expect(put).not.toHaveBeenCalled();
+  });
+
+  it("computes a miss and stores it once, with the TTL", async () => {
+    const { kv, put } = fakeKv();
+    expect(await readThrough(kv, "k", 1800, async () => ({ a: 1 }))).toBe('{"a":1}');
+    expect(put).toHaveBeenCalledExactlyOnceWith("k", '{"a":1}', { expirationTtl: 1800 });
+  });
+
+  it("serves from the source, without writing, when KV cannot be read", async () => {
+    const { kv, put } = fakeKv({}, { get: true });
+    expect(await readThrough(kv, "k", 60, async () => [1])).toBe("[1]");
+    expect(put).not.toHaveBeenCalled();
+  });
+
+  it("still answers when the KV write is refused", async () => {
+    const { kv } = fakeKv({}, { put: true });
+    expect(await readThrough(kv, "k", 60, async () => "x")).toBe('"x"');
+  });
+
+  it("lets a failure of the source propagate", async () => {
+    const { kv } = fakeKv();
+    await expect(readThrough(kv, "k", 60, async () => Promise.reject(new Error("D1 down")))).rejects.toThrow("D1 down");
+  });
+});
+
+describe("invalidateCatalog", () => {
+  it("writes a new version each time", async () => {
+    const { kv, stored } = fakeKv();
+    await invalidateCatalog(kv);
+    const first = stored["catalog:version"];
+    await invalidateCatalog(kv);
+    expect(first).toBeDefined();
+    expect(stored["catalog:version"]).not.toBe(first);
+  });
+
+  it("never fails the admin write it follows", async () => {
+    const { kv } = fakeKv({}, { put: true });
+    await expect(invalidateCatalog(kv)).resolves.toBeUndefined();
+  });
+});
