@@ -1,0 +1,74 @@
+// What the coupon gate reads from and writes to D1, the record of truth. Raw statements rather than
+// drizzle: this is the hot path, and each group commit is built statement by statement.
+
+/** A coupon row as the gate keeps it (snake_case, as D1 and the object's SQLite return it). */
+export type CouponTerms = {
+  id: number;
+  name: string;
+  discount_type: "FIXED" | "PERCENT";
+  discount_value: number;
+  min_order_amount: number;
+  total_quantity: number;
+  issued_count: number;
+  issue_starts_at: string | null;
+  issue_ends_at: string | null;
+  valid_days: number;
+};
+
+export interface GateSnapshot {
+  coupon: CouponTerms;
+  holders: number[];
+}
+
+export interface PendingIssue {
+  userId: number;
+  issuedAt: string;
+  expiresAt: string;
+}
+
+/** The coupon and everyone who holds it, or null when there is no such coupon. */
+export async function readGateSnapshot(db: D1Database, couponId: number): Promise<GateSnapshot | null> {
+  // One batch is one transaction: the count and the holders come from the same moment.
+  const [coupon, holders] = await db.batch<Record<string, unknown>>([
+    db
+      .prepare(
+        `SELECT id, name, discount_type, discount_value, min_order_amount, total_quantity, issued_count,
+                issue_starts_at, issue_ends_at, valid_days
+         FROM coupons WHERE id = ?`,
+      )
+      .bind(couponId),
+    db.prepare("SELECT user_id FROM user_coupons WHERE coupon_id = ?").bind(couponId),
+  ]);
+  const row = coupon?.results[0] as CouponTerms | undefined;
+  if (!row) return null;
+  return { coupon: row, holders: (holders?.results ?? []).map((r) => r.user_id as number) };
+}
+
+/**
+ * One group commit: a user_coupons row per issue and one bump of issued_count, as one transaction.
+ * A row for a user that does not exist is skipped rather than failing the batch for its neighbours,
+ * and the count adds only the users that exist, so it always equals the rows written.
+ */
+export function issueStatements(db: D1Database, couponId: number, issues: PendingIssue[]): D1PreparedStatement[] {
+  const insert = db.prepare(
+    `INSERT INTO user_coupons (coupon_id, user_id, status, issued_at, expires_at)
+     SELECT ?, id, 'AVAILABLE', ?, ? FROM users WHERE id = ?
+     RETURNING id`,
+  );
+  const bump = db
+    .prepare(
+      `UPDATE coupons
+       SET issued_count = issued_count + (SELECT count(*) FROM users WHERE id IN (SELECT value FROM json_each(?)))
+       WHERE id = ?`,
+    )
+    .bind(JSON.stringify(issues.map((i) => i.userId)), couponId);
+  return [...issues.map((i) => insert.bind(couponId, i.issuedAt, i.expiresAt, i.userId)), bump];
+}
+
+/** The new user_coupons id of each issue, in order; null where the user does not exist. */
+export function issuedIds(results: D1Result[], count: number): (number | null)[] {
+  return results.slice(0, count).map((r) => {
+    const row = r.results[0] as { id: number } | undefined;
+    return row ? row.id : null;
+  });
+}

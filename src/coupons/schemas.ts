@@ -1,0 +1,89 @@
+import { z } from "@hono/zod-openapi";
+import { BALANCE_LIMIT } from "../db/schema";
+import { Id, Timestamp } from "../lib/openapi";
+
+export const MAX_COUPON_QUANTITY = 1_000_000;
+export const MAX_MIN_ORDER_AMOUNT = 100_000_000;
+export const MAX_VALID_DAYS = 3650;
+
+const DiscountType = z.enum(["FIXED", "PERCENT"]);
+const UserId = z.number().int().positive().max(Number.MAX_SAFE_INTEGER).openapi({ example: 1 });
+const Instant = z.iso
+  .datetime({ offset: true })
+  .openapi({ example: "2026-11-23T00:00:00.000Z", description: "ISO 8601; stored as UTC" });
+
+export const CreateCouponBody = z
+  .strictObject({
+    name: z.string().trim().min(1).max(100),
+    discountType: DiscountType,
+    discountValue: z
+      .number()
+      .int()
+      .min(1)
+      .max(BALANCE_LIMIT)
+      .openapi({ description: "FIXED: won off (1..10,000,000); PERCENT: percent off (1..100)" }),
+    totalQuantity: z.number().int().min(1).max(MAX_COUPON_QUANTITY),
+    minOrderAmount: z.number().int().min(0).max(MAX_MIN_ORDER_AMOUNT).default(0),
+    issueStartsAt: Instant.optional().openapi({ description: "First instant it may be issued (inclusive)" }),
+    issueEndsAt: Instant.optional().openapi({ description: "Last instant it may be issued (inclusive)" }),
+    validDays: z.number().int().min(1).max(MAX_VALID_DAYS).openapi({ description: "A user coupon expires this many days after issue" }),
+  })
+  .superRefine((body, ctx) => {
+    if (body.discountType === "PERCENT" && body.discountValue > 100) {
+      ctx.addIssue({ code: "custom", path: ["discountValue"], message: "A PERCENT discount is 1..100" });
+    }
+    if (body.issueStartsAt && body.issueEndsAt && Date.parse(body.issueEndsAt) <= Date.parse(body.issueStartsAt)) {
+      ctx.addIssue({ code: "custom", path: ["issueEndsAt"], message: "Must be after issueStartsAt" });
+    }
+  })
+  .openapi("CreateCoupon");
+
+export type CreateCoupon = z.infer<typeof CreateCouponBody>;
+
+export const CouponSchema = z
+  .object({
+    id: z.number().int(),
+    name: z.string(),
+    discountType: DiscountType,
+    discountValue: z.number().int(),
+    minOrderAmount: z.number().int(),
+    totalQuantity: z.number().int(),
+    issuedCount: z.number().int(),
+    issueStartsAt: Timestamp.nullable(),
+    issueEndsAt: Timestamp.nullable(),
+    validDays: z.number().int(),
+    createdAt: Timestamp,
+  })
+  .openapi("Coupon");
+
+export type Coupon = z.infer<typeof CouponSchema>;
+
+export const UserCouponSchema = z
+  .object({
+    id: z.number().int(),
+    couponId: z.number().int(),
+    userId: z.number().int(),
+    name: z.string(),
+    discountType: DiscountType,
+    discountValue: z.number().int(),
+    minOrderAmount: z.number().int(),
+    status: z.enum(["AVAILABLE", "USED", "EXPIRED"]),
+    issuedAt: Timestamp,
+    expiresAt: Timestamp,
+    usedAt: Timestamp.nullable(),
+  })
+  .openapi("UserCoupon");
+
+export type UserCoupon = z.infer<typeof UserCouponSchema>;
+
+export const CouponParams = z.object({ couponId: Id });
+
+export const IssueBody = z
+  .strictObject({
+    userId: UserId.optional().openapi({ description: "Defaults to the caller; required for an admin" }),
+  })
+  .openapi("IssueCouponRequest");
+
+export const UserCouponsQuery = z.object({
+  userId: Id.optional().openapi({ description: "Whose coupons; required for an admin, the caller's own for a user" }),
+});
