@@ -12,7 +12,7 @@ export default defineConfig(async () => {
           bindings: {
             TEST_MIGRATIONS: migrations,
             JWT_SECRET: "test-secret-not-for-production",
-            DATA_PLATFORM_URL: "https://data-platform.test/orders",
+            DATA_PLATFORM_URL: "http://127.0.0.1:9/orders",
           },
         },
       }),

@@ -3,28 +3,24 @@ import { bodyLimit } from "hono/body-limit";
 import { HTTPException } from "hono/http-exception";
 import { requestId } from "hono/request-id";
 import { secureHeaders } from "hono/secure-headers";
-import type { Context } from "hono";
 import { adminRoutes } from "./admin/routes";
+import { catalogRoutes } from "./catalog/routes";
+import { couponRoutes } from "./coupons/routes";
+import { orderRoutes } from "./orders/routes";
+import { walletRoutes } from "./wallet/routes";
 import { createDb } from "./db/client";
-import { AppError, toProblem } from "./lib/errors";
+import { AppError } from "./lib/errors";
+import { problemResponse } from "./lib/problem";
 import { systemClock, type Clock } from "./lib/clock";
 import { describeError, log } from "./lib/log";
 import { createRouter } from "./lib/openapi";
 import { healthRoutes } from "./health";
-import type { AppEnv } from "./env";
 
 export interface AppOptions {
   clock?: Clock;
 }
 
 const MAX_BODY_BYTES = 1024 * 1024;
-
-function problemResponse(c: Context<AppEnv>, error: AppError): Response {
-  const requestId = c.get("requestId") ?? "unknown";
-  return c.body(JSON.stringify(toProblem(error, requestId)), error.status, {
-    "Content-Type": "application/problem+json",
-  });
-}
 
 function fromHttpException(error: HTTPException): AppError {
   switch (error.status) {
@@ -62,7 +58,13 @@ export function createApp(options: AppOptions = {}) {
   );
 
   app.route("/", healthRoutes);
+  // Feature routers mounted at /api carry full paths and authenticate per route (never `use("*")`,
+  // which would also cover the public catalog).
   app.route("/api/admin", adminRoutes);
+  app.route("/api/products", catalogRoutes);
+  app.route("/api", walletRoutes);
+  app.route("/api", couponRoutes);
+  app.route("/api", orderRoutes);
 
   app.openAPIRegistry.registerComponent("securitySchemes", "bearerAuth", {
     type: "http",

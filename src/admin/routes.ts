@@ -5,6 +5,8 @@ import { pageQuery, pageSchema } from "../lib/pagination";
 import { createUser, listUsers } from "../users/service";
 import { CreateProductBody, ProductSchema, UpdateProductBody } from "../catalog/schemas";
 import { createProduct, updateProduct } from "../catalog/service";
+import { couponAdminRoutes } from "../coupons/admin-routes";
+import { exportAdminRoutes } from "../export/admin-routes";
 
 const UserSchema = z
   .object({ id: z.number().int(), name: z.string(), balance: z.number().int(), createdAt: Timestamp })
@@ -16,6 +18,8 @@ const adminRoute = { tags: ["Admin"], security: bearer };
 
 const router = createRouter();
 router.use("*", authenticate, requireAdmin);
+router.route("/coupons", couponAdminRoutes);
+router.route("/exports", exportAdminRoutes);
 
 export const adminRoutes = router
   .openapi(
@@ -52,7 +56,7 @@ export const adminRoutes = router
       request: { body: jsonBody(CreateProductBody) },
       responses: { 201: jsonResponse(ProductSchema, "The new product"), ...problems(400, 401, 403, 413, 415) },
     }),
-    async (c) => c.json(await createProduct(c.get("db"), c.get("clock"), c.req.valid("json")), 201),
+    async (c) => c.json(await createProduct(c.get("db"), c.env.CACHE, c.get("clock"), c.req.valid("json")), 201),
   )
   .openapi(
     createRoute({
@@ -68,6 +72,7 @@ export const adminRoutes = router
     }),
     async (c) => {
       const { productId } = c.req.valid("param");
-      return c.json(await updateProduct(c.get("db"), c.get("clock"), productId, c.req.valid("json")), 200);
+      const product = await updateProduct(c.get("db"), c.env, c.get("clock"), productId, c.req.valid("json"));
+      return c.json(product, 200);
     },
   );

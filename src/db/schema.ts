@@ -174,8 +174,9 @@ export const orderItems = sqliteTable(
   ],
 );
 
-// Transactional outbox: written in the order's batch, moved to a queue after commit, re-sent by the
-// cron relay while `dispatched_at` is still empty.
+// Transactional outbox: written in the order's batch, moved to a queue after commit (`dispatched_at`),
+// finished by its consumer (`completed_at`). The cron relay re-sends rows never dispatched, and rows
+// dispatched long ago but never completed (a message lost after the queue took it).
 export const outbox = sqliteTable(
   "outbox",
   {
@@ -185,11 +186,14 @@ export const outbox = sqliteTable(
     payload: text("payload").notNull(),
     createdAt: text("created_at").notNull(),
     dispatchedAt: text("dispatched_at"),
+    completedAt: text("completed_at"),
   },
   (t) => [
     check("outbox_topic", sql`${t.topic} IN ('stats', 'export')`),
     uniqueIndex("outbox_order_topic_uq").on(t.orderId, t.topic),
     index("outbox_undispatched_idx").on(t.dispatchedAt, t.createdAt),
+    // Only unfinished rows are indexed: the relay's scans stay proportional to the work in flight.
+    index("outbox_incomplete_idx").on(t.dispatchedAt).where(sql`${t.completedAt} IS NULL`),
   ],
 );
 

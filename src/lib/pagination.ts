@@ -64,3 +64,17 @@ export function afterCursor(createdAt: SQLiteColumn, id: SQLiteColumn, cursor: s
   const key = decodeCursor(cursor);
   return or(lt(createdAt, key.createdAt), and(eq(createdAt, key.createdAt), lt(id, key.id)));
 }
+
+/** The same condition for raw SQL: a fragment and its parameters (column names are ours, never input). */
+export function afterCursorSql(
+  createdAtColumn: string,
+  idColumn: string,
+  cursor: string | undefined,
+): { sql: string; params: [string, string, number] } | undefined {
+  if (cursor === undefined) return undefined;
+  const key = decodeCursor(cursor);
+  return {
+    sql: `(${createdAtColumn} < ? OR (${createdAtColumn} = ? AND ${idColumn} < ?))`,
+    params: [key.createdAt, key.createdAt, key.id],
+  };
+}

@@ -1,4 +1,4 @@
-import { adminToken, call } from "./api";
+import { adminToken, call, tokenFor } from "./api";
 
 let serial = 0;
 const unique = (prefix: string) => `${prefix}-${++serial}-${crypto.randomUUID().slice(0, 8)}`;
@@ -15,5 +15,41 @@ export async function makeProduct(
   const body = { name: fields.name ?? unique("product"), price: fields.price ?? 1000, stock: fields.stock ?? 10 };
   const res = await call("POST", "/api/admin/products", { token: await adminToken(), body });
   if (res.status !== 201) throw new Error(`makeProduct failed: ${res.status} ${res.text}`);
+  return res.body;
+}
+
+/** Charges a user's wallet as an admin; returns `{ userId, balance, transaction }`. */
+export async function chargeUser(
+  userId: number,
+  amount: number,
+): Promise<{ userId: number; balance: number; transaction: { id: number; balanceAfter: number; createdAt: string } }> {
+  const res = await call("POST", "/api/balance/charge", { token: await adminToken(), body: { userId, amount } });
+  if (res.status !== 200) throw new Error(`chargeUser failed: ${res.status} ${res.text}`);
+  return res.body;
+}
+
+export interface CouponFields {
+  name?: string;
+  discountType?: "FIXED" | "PERCENT";
+  discountValue?: number;
+  totalQuantity?: number;
+  minOrderAmount?: number;
+  issueStartsAt?: string;
+  issueEndsAt?: string;
+  validDays?: number;
+}
+
+/** Creates a coupon as an admin (FIXED 1,000 won, 10 pieces, 30 days unless told otherwise). */
+export async function makeCoupon(fields: CouponFields = {}): Promise<{ id: number; [field: string]: any }> {
+  const body = { name: unique("coupon"), discountType: "FIXED", discountValue: 1000, totalQuantity: 10, validDays: 30, ...fields };
+  const res = await call("POST", "/api/admin/coupons", { token: await adminToken(), body });
+  if (res.status !== 201) throw new Error(`makeCoupon failed: ${res.status} ${res.text}`);
+  return res.body;
+}
+
+/** Issues a coupon to a user (as that user); returns the user coupon. */
+export async function issueCoupon(couponId: number, userId: number): Promise<{ id: number; [field: string]: any }> {
+  const res = await call("POST", `/api/coupons/${couponId}/issue`, { token: await tokenFor(userId), body: {} });
+  if (res.status !== 200) throw new Error(`issueCoupon failed: ${res.status} ${res.text}`);
   return res.body;
 }

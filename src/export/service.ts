@@ -1,0 +1,91 @@
+import { AppError } from "../lib/errors";
+import { afterCursorSql, toPage, type Page, type PageQuery } from "../lib/pagination";
+import { dispatchOrderEvents, type OrderQueues } from "../orders/outbox";
+
+export type ExportStatus = "PENDING" | "SENT" | "FAILED";
+
+export interface ExportDto {
+  id: number;
+  orderId: number;
+  status: ExportStatus;
+  attempts: number;
+  lastError: string | null;
+  createdAt: string;
+  updatedAt: string;
+  sentAt: string | null;
+}
+
+interface ExportRow {
+  id: number;
+  order_id: number;
+  status: ExportStatus;
+  attempts: number;
+  last_error: string | null;
+  created_at: string;
+  updated_at: string;
+  sent_at: string | null;
+}
+
+const COLUMNS = "id, order_id, status, attempts, last_error, created_at, updated_at, sent_at";
+
+const toExportDto = (r: ExportRow): ExportDto => ({
+  id: r.id,
+  orderId: r.order_id,
+  status: r.status,
+  attempts: r.attempts,
+  lastError: r.last_error,
+  createdAt: r.created_at,
+  updatedAt: r.updated_at,
+  sentAt: r.sent_at,
+});
+
+export async function listExports(db: D1Database, status: ExportStatus | undefined, page: PageQuery): Promise<Page<ExportDto>> {
+  const conditions: string[] = [];
+  const params: (string | number)[] = [];
+  if (status) {
+    conditions.push("status = ?");
+    params.push(status);
+  }
+  const after = afterCursorSql("created_at", "id", page.cursor);
+  if (after) {
+    conditions.push(after.sql);
+    params.push(...after.params);
+  }
+  const where = conditions.length ? `WHERE ${conditions.join(" AND ")}` : "";
+  const { results } = await db
+    .prepare(`SELECT ${COLUMNS} FROM order_exports ${where} ORDER BY created_at DESC, id DESC LIMIT ?`)
+    .bind(...params, page.limit + 1)
+    .all<ExportRow>();
+  return toPage(
+    results.map((r) => ({ ...r, createdAt: r.created_at })),
+    page.limit,
+    toExportDto,
+  );
+}
+
+/**
+ * Puts a FAILED export back to PENDING and queues it again. Its outbox row is reset in the same batch,
+ * so if the immediate send fails the cron relay still re-sends it.
+ */
+export async function retryExport(db: D1Database, queues: OrderQueues, exportId: number, now: Date): Promise<ExportDto> {
+  const at = now.toISOString();
+  const [, updated] = await db.batch<ExportRow>([
+    db
+      .prepare(
+        `UPDATE outbox SET dispatched_at = NULL, created_at = ?
+         WHERE topic = 'export' AND order_id = (SELECT order_id FROM order_exports WHERE id = ? AND status = 'FAILED')`,
+      )
+      .bind(at, exportId),
+    db
+      .prepare(`UPDATE order_exports SET status = 'PENDING', updated_at = ? WHERE id = ? AND status = 'FAILED' RETURNING ${COLUMNS}`)
+      .bind(at, exportId),
+  ]);
+  const row = updated!.results[0];
+  if (!row) {
+    const exists = await db.prepare("SELECT status FROM order_exports WHERE id = ?").bind(exportId).first<{ status: string }>();
+    if (!exists) throw new AppError("EXPORT_NOT_FOUND", `Export ${exportId} does not exist`);
+    throw new AppError("EXPORT_NOT_FAILED", `Export ${exportId} is ${exists.status}`);
+  }
+  await dispatchOrderEvents(db, queues, row.order_id, at);
+  return toExportDto(row);
+}

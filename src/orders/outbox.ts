@@ -1,0 +1,110 @@
+import { log } from "../lib/log";
+
+// The transactional outbox. Rows are written in the order's own batch; this moves them to the queues.
+// A row is marked dispatched only after its queue accepted it, so a failed send() is simply retried by
+// the cron relay. A crash between send and mark sends twice: consumers are idempotent per order.
+
+export interface OrderQueues {
+  stats: Queue;
+  export: Queue;
+}
+
+/** Longer than a message's whole retry schedule, so only a lost message is sent again. */
+export const DEFAULT_REDELIVER_AFTER_SECONDS = 30 * 60;
+
+export const queuesOf = (env: Env): OrderQueues => ({ stats: env.STATS_QUEUE, export: env.EXPORT_QUEUE });
+
+interface OutboxRow {
+  id: number;
+  topic: "stats" | "export";
+  payload: string;
+}
+
+async function dispatch(db: D1Database, queues: OrderQueues, rows: OutboxRow[], nowIso: string): Promise<number> {
+  let dispatched = 0;
+  for (const topic of ["stats", "export"] as const) {
+    const batch = rows.filter((r) => r.topic === topic);
+    if (batch.length === 0) continue;
+    try {
+      await queues[topic].sendBatch(batch.map((r) => ({ body: JSON.parse(r.payload), contentType: "json" as const })));
+    } catch (error) {
+      log("warn", "outbox send failed; the relay will retry", { topic, rows: batch.length, error: String(error) });
+      continue;
+    }
+    await db
+      .prepare("UPDATE outbox SET dispatched_at = ? WHERE id IN (SELECT value FROM json_each(?))")
+      .bind(nowIso, JSON.stringify(batch.map((r) => r.id)))
+      .run();
+    dispatched += batch.length;
+  }
+  return dispatched;
+}
+
+/** Right after an order commits. */
+export async function dispatchOrderEvents(db: D1Database, queues: OrderQueues, orderId: number, nowIso: string): Promise<number> {
+  const { results } = await db
+    .prepare("SELECT id, topic, payload FROM outbox WHERE order_id = ? AND dispatched_at IS NULL")
+    .bind(orderId)
+    .all<OutboxRow>();
+  return dispatch(db, queues, results, nowIso);
+}
+
+/**
+ * The cron relay. Re-sends rows still undispatched `afterSeconds` after they were written (the send after
+ * commit failed), and rows dispatched more than `redeliverAfterSeconds` ago whose consumer never finished
+ * them (the message was lost after the queue took it). A FAILED export is left to an admin's retry.
+ */
+export async function relayOutbox(
+  db: D1Database,
+  queues: OrderQueues,
+  now: Date,
+  afterSeconds: number,
+  redeliverAfterSeconds = DEFAULT_REDELIVER_AFTER_SECONDS,
+): Promise<number> {
+  const before = (seconds: number) => new Date(now.getTime() - seconds * 1000).toISOString();
+  const [unsent, lost] = await db.batch<OutboxRow>([
+    db
+      .prepare(
+        `SELECT id, topic, payload FROM outbox WHERE dispatched_at IS NULL AND created_at <= ?
+         ORDER BY created_at, id LIMIT 500`,
+      )
+      .bind(before(afterSeconds)),
+    db
+      .prepare(
+        `SELECT o.id, o.topic, o.payload FROM outbox o
+         WHERE o.completed_at IS NULL AND o.dispatched_at IS NOT NULL AND o.dispatched_at <= ?
+           AND (o.topic = 'stats' OR EXISTS (SELECT 1 FROM order_exports e WHERE e.order_id = o.order_id AND e.status = 'PENDING'))
+         ORDER BY o.dispatched_at, o.id LIMIT 500`,
+      )
+      .bind(before(redeliverAfterSeconds)),
+  ]);
+  const rows = [...unsent!.results, ...lost!.results];
+  if (rows.length > 0) log("info", "outbox relay re-sending", { unsent: unsent!.results.length, lost: lost!.results.length });
+  return dispatch(db, queues, rows, now.toISOString());
+}
+
+/**
+ * Stats messages that exhausted their retries (a long D1 outage, say) are not dropped: their outbox rows
+ * are marked undispatched again, so the relay re-sends them once things recover. The consumer counts each
+ * order once, so a re-send can never double-count.
+ */
+export async function returnDeadStatsToOutbox(batch: MessageBatch, db: D1Database, now: Date): Promise<void> {
+  for (const message of batch.messages) {
+    const orderId = (message.body as { orderId?: unknown } | null)?.orderId;
+    if (typeof orderId !== "number") {
+      log("error", "dead-lettered stats message without an order id", { messageId: message.id });
+      message.ack();
+      continue;
+    }
+    try {
+      await db
+        .prepare("UPDATE outbox SET dispatched_at = NULL, created_at = ? WHERE order_id = ? AND topic = 'stats'")
+        .bind(now.toISOString(), orderId)
+        .run();
+      message.ack();
+    } catch (error) {
+      log("warn", "could not return a dead stats message to the outbox", { orderId, error: String(error) });
+      message.retry({ delaySeconds: 60 });
+    }
+  }
+}

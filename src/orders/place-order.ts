@@ -1,0 +1,200 @@
+import { isConstraintViolation } from "../db/errors";
+import { AppError } from "../lib/errors";
+import { utcDate, type Clock } from "../lib/clock";
+import { discountFor, type DiscountType } from "../lib/money";
+import type { OrderDto, PlaceOrder } from "./schemas";
+import { commitStock, releaseStock, reserveStock } from "./stock";
+import { dispatchOrderEvents, type OrderQueues } from "./outbox";
+
+export interface PlaceOrderDeps {
+  env: Env;
+  clock: Clock;
+  queues: OrderQueues;
+  /** Work that may finish after the response (ctx.waitUntil). */
+  defer: (work: Promise<unknown>) => void;
+}
+
+interface ProductPrice {
+  id: number;
+  name: string;
+  price: number;
+}
+
+interface CouponForOrder {
+  id: number;
+  user_id: number;
+  status: string;
+  expires_at: string;
+  discount_type: DiscountType;
+  discount_value: number;
+  min_order_amount: number;
+}
+
+/**
+ * Places an order paid from the wallet, all or nothing:
+ * 1. read prices, balance and coupon; refuse early what is certainly refused;
+ * 2. reserve stock in each product's object (released again on any later failure);
+ * 3. one D1 batch (one transaction) writes the order, items, stock, balance, ledger, coupon use and outbox;
+ *    the schema's constraints refuse it whole if the balance, stock or coupon changed meanwhile;
+ * 4. after commit: confirm the reservations and hand the outbox to the queues, off the response path.
+ */
+export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: PlaceOrder): Promise<OrderDto> {
+  const { env, clock } = deps;
+  const now = clock.now();
+  const { products, balance, coupon } = await readOrderInputs(env.DB, userId, input);
+
+  const items = input.items.map((line) => {
+    const product = products.get(line.productId)!;
+    return {
+      productId: line.productId,
+      name: product.name,
+      unitPrice: product.price,
+      quantity: line.quantity,
+      amount: product.price * line.quantity,
+    };
+  });
+  const totalAmount = items.reduce((sum, i) => sum + i.amount, 0);
+  if (coupon) assertCouponUsable(coupon, userId, totalAmount, now);
+  const discountAmount = coupon ? discountFor({ discountType: coupon.discount_type, discountValue: coupon.discount_value }, totalAmount) : 0;
+  const paidAmount = totalAmount - discountAmount;
+  if (balance < paidAmount) {
+    throw new AppError("INSUFFICIENT_BALANCE", `The order costs ${paidAmount} won; the balance is ${balance}`);
+  }
+
+  const orderKey = crypto.randomUUID();
+  const lines = items.map((i) => ({ productId: i.productId, quantity: i.quantity }));
+  await reserveStock(env, orderKey, lines);
+
+  const createdAt = now.toISOString();
+  const order = { userId, items, totalAmount, discountAmount, paidAmount, userCouponId: coupon?.id ?? null, createdAt };
+  let orderId: number;
+  try {
+    orderId = await writeOrder(env.DB, orderKey, order, utcDate(now));
+  } catch (error) {
+    await releaseStock(env, orderKey, lines);
+    throw translateWriteError(error);
+  }
+
+  deps.defer(
+    Promise.all([commitStock(env, orderKey, lines), dispatchOrderEvents(env.DB, deps.queues, orderId, createdAt)]),
+  );
+  return { id: orderId, status: "COMPLETED", ...order };
+}
+
+async function readOrderInputs(db: D1Database, userId: number, input: PlaceOrder) {
+  const ids = JSON.stringify(input.items.map((i) => i.productId));
+  const [productRows, userRows, couponRows] = await db.batch<Record<string, unknown>>([
+    db.prepare("SELECT id, name, price FROM products WHERE id IN (SELECT value FROM json_each(?))").bind(ids),
+    db.prepare("SELECT balance FROM users WHERE id = ?").bind(userId),
+    db
+      .prepare(
+        `SELECT uc.id, uc.user_id, uc.status, uc.expires_at, c.discount_type, c.discount_value, c.min_order_amount
+         FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id WHERE uc.id = ?`,
+      )
+      .bind(input.userCouponId ?? 0),
+  ]);
+  const user = userRows!.results[0] as { balance: number } | undefined;
+  if (!user) throw new AppError("USER_NOT_FOUND", `User ${userId} does not exist`);
+  const products = new Map((productRows!.results as unknown as ProductPrice[]).map((p) => [p.id, p]));
+  const missing = input.items.find((i) => !products.has(i.productId));
+  if (missing) throw new AppError("PRODUCT_NOT_FOUND", `Product ${missing.productId} does not exist`);
+  let coupon: CouponForOrder | null = null;
+  if (input.userCouponId !== undefined) {
+    coupon = (couponRows!.results[0] as unknown as CouponForOrder | undefined) ?? null;
+    if (!coupon) throw new AppError("COUPON_NOT_USABLE", `User coupon ${input.userCouponId} does not exist`);
+  }
+  return { products, balance: user.balance, coupon };
+}
+
+function assertCouponUsable(coupon: CouponForOrder, userId: number, totalAmount: number, now: Date): void {
+  // Another user's coupon is reported like a missing one: its existence is not the caller's business.
+  if (coupon.user_id !== userId) throw new AppError("COUPON_NOT_USABLE", `User coupon ${coupon.id} does not exist`);
+  if (coupon.status !== "AVAILABLE") throw new AppError("COUPON_NOT_USABLE", `User coupon ${coupon.id} is ${coupon.status}`);
+  if (coupon.expires_at <= now.toISOString()) throw new AppError("COUPON_NOT_USABLE", `User coupon ${coupon.id} has expired`);
+  if (totalAmount < coupon.min_order_amount) {
+    throw new AppError("COUPON_NOT_USABLE", `The coupon needs an order of at least ${coupon.min_order_amount} won`);
+  }
+}
+
+interface OrderToWrite extends Omit<OrderDto, "id" | "status"> {}
+
+/** One batch: every row of the order changes together or not at all. Returns the new order id. */
+async function writeOrder(db: D1Database, orderKey: string, order: OrderToWrite, statDate: string): Promise<number> {
+  const { userId, items, totalAmount, discountAmount, paidAmount, userCouponId, createdAt } = order;
+  const orderId = "(SELECT id FROM orders WHERE order_key = ?)";
+  const statsEvent = { date: statDate, items: items.map((i) => ({ productId: i.productId, quantity: i.quantity })) };
+  const exportEvent = { userId, items, totalAmount, discountAmount, paidAmount, completedAt: createdAt };
+
+  const statements = [
+    db
+      .prepare(
+        `INSERT INTO orders (order_key, user_id, status, total_amount, discount_amount, paid_amount, user_coupon_id, created_at)
+         VALUES (?, ?, 'COMPLETED', ?, ?, ?, ?, ?) RETURNING id`,
+      )
+      .bind(orderKey, userId, totalAmount, discountAmount, paidAmount, userCouponId, createdAt),
+    ...items.flatMap((i) => [
+      db
+        .prepare(
+          `INSERT INTO order_items (order_id, product_id, name, unit_price, quantity, amount) VALUES (${orderId}, ?, ?, ?, ?, ?)`,
+        )
+        .bind(orderKey, i.productId, i.name, i.unitPrice, i.quantity, i.amount),
+      db.prepare("UPDATE products SET stock = stock - ?, updated_at = ? WHERE id = ?").bind(i.quantity, createdAt, i.productId),
+    ]),
+  ];
+  if (paidAmount > 0) {
+    statements.push(
+      db.prepare("UPDATE users SET balance = balance - ?, updated_at = ? WHERE id = ?").bind(paidAmount, createdAt, userId),
+      db
+        .prepare(
+          // Never older than the user's newest ledger row: a concurrent charge may have read its clock
+          // earlier and committed first, and the newest row must carry the current balance.
+          `INSERT INTO wallet_transactions (user_id, type, amount, balance_after, order_id, created_at)
+           SELECT id, 'PAYMENT', ?, balance, ${orderId},
+             max(?, coalesce((SELECT max(created_at) FROM wallet_transactions WHERE user_id = ?), ''))
+           FROM users WHERE id = ?`,
+        )
+        .bind(-paidAmount, orderKey, createdAt, userId, userId),
+    );
+  }
+  if (userCouponId !== null) {
+    statements.push(
+      db
+        .prepare(
+          `UPDATE user_coupons SET status = 'USED', used_at = ?, order_id = ${orderId}
+           WHERE id = ? AND user_id = ? AND status = 'AVAILABLE'`,
+        )
+        .bind(createdAt, orderKey, userCouponId, userId),
+    );
+  }
+  for (const [topic, event] of [["stats", statsEvent], ["export", exportEvent]] as const) {
+    statements.push(
+      db
+        .prepare(
+          `INSERT INTO outbox (order_id, topic, payload, created_at)
+           VALUES (${orderId}, ?, json_set(?, '$.orderId', ${orderId}), ?)`,
+        )
+        .bind(orderKey, topic, JSON.stringify(event), orderKey, createdAt),
+    );
+  }
+  statements.push(
+    db
+      .prepare(`INSERT INTO order_exports (order_id, status, attempts, created_at, updated_at) VALUES (${orderId}, 'PENDING', 0, ?, ?)`)
+      .bind(orderKey, createdAt, createdAt),
+  );
+
+  const [inserted] = await db.batch<{ id: number }>(statements);
+  return inserted!.results[0]!.id;
+}
+
+function translateWriteError(error: unknown): unknown {
+  if (isConstraintViolation(error, "users_balance_non_negative")) {
+    return new AppError("INSUFFICIENT_BALANCE", "The balance changed and no longer covers the order");
+  }
+  if (isConstraintViolation(error, "products_stock_non_negative")) {
+    return new AppError("OUT_OF_STOCK", "A product sold out while the order was placed");
+  }
+  if (isConstraintViolation(error, "orders.user_coupon_id")) {
+    return new AppError("COUPON_NOT_USABLE", "The coupon was used by another order");
+  }
+  return error;
+}

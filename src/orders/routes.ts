@@ -1,0 +1,69 @@
+import { createRoute, z } from "@hono/zod-openapi";
+import { actingUserId, authenticate } from "../lib/auth";
+import { idempotent } from "../lib/idempotency";
+import { bearer, createRouter, Id, IdempotencyKeyHeader, jsonBody, jsonResponse, problems } from "../lib/openapi";
+import { pageQuery, pageSchema } from "../lib/pagination";
+import { queuesOf } from "./outbox";
+import { placeOrder } from "./place-order";
+import { getOrder, listOrders } from "./queries";
+import { OrderSchema, PlaceOrderBody } from "./schemas";
+
+const orderRoute = { tags: ["Orders"], security: bearer, middleware: [authenticate] };
+
+export const orderRoutes = createRouter()
+  .openapi(
+    createRoute({
+      ...orderRoute,
+      method: "post",
+      path: "/orders",
+      summary: "Place an order paid from the wallet, optionally with a coupon; all or nothing",
+      request: { headers: IdempotencyKeyHeader, body: jsonBody(PlaceOrderBody) },
+      responses: {
+        200: jsonResponse(OrderSchema, "The completed order"),
+        ...problems(400, 401, 403, 404, 409, 413, 415, 422),
+      },
+    }),
+    async (c) => {
+      const input = c.req.valid("json");
+      const userId = actingUserId(c.get("caller"), input.userId);
+      return idempotent(c, async () => {
+        const order = await placeOrder(
+          {
+            env: c.env,
+            clock: c.get("clock"),
+            queues: queuesOf(c.env),
+            defer: (work) => c.executionCtx.waitUntil(work),
+          },
+          userId,
+          input,
+        );
+        return c.json(order, 200);
+      });
+    },
+  )
+  .openapi(
+    createRoute({
+      ...orderRoute,
+      method: "get",
+      path: "/users/orders",
+      summary: "The caller's orders, newest first (an admin names the user with ?userId=)",
+      request: { query: pageQuery.extend({ userId: Id.optional() }) },
+      responses: { 200: jsonResponse(pageSchema(OrderSchema), "A page of orders"), ...problems(400, 401, 403) },
+    }),
+    async (c) => {
+      const { userId: requested, ...page } = c.req.valid("query");
+      const userId = actingUserId(c.get("caller"), requested);
+      return c.json(await listOrders(c.env.DB, userId, page), 200);
+    },
+  )
+  .openapi(
+    createRoute({
+      ...orderRoute,
+      method: "get",
+      path: "/orders/{orderId}",
+      summary: "One order (404 for another user's order; admins read any)",
+      request: { params: z.object({ orderId: Id }) },
+      responses: { 200: jsonResponse(OrderSchema, "The order"), ...problems(400, 401, 404) },
+    }),
+    async (c) => c.json(await getOrder(c.env.DB, c.get("caller"), c.req.valid("param").orderId), 200),
+  );

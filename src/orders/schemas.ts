@@ -1,0 +1,48 @@
+import { z } from "@hono/zod-openapi";
+import { Timestamp } from "../lib/openapi";
+
+export const MAX_ORDER_LINES = 50;
+export const MAX_LINE_QUANTITY = 100;
+
+const positiveId = z.number().int().positive().max(Number.MAX_SAFE_INTEGER);
+
+export const PlaceOrderBody = z
+  .strictObject({
+    userId: positiveId.optional().openapi({ description: "Defaults to the caller; an admin must name it" }),
+    items: z
+      .array(z.strictObject({ productId: positiveId, quantity: z.number().int().min(1).max(MAX_LINE_QUANTITY) }))
+      .min(1)
+      .max(MAX_ORDER_LINES)
+      .refine((items) => new Set(items.map((i) => i.productId)).size === items.length, {
+        message: "Each product may appear once",
+      }),
+    userCouponId: positiveId.optional(),
+  })
+  .openapi("PlaceOrder");
+
+export type PlaceOrder = z.infer<typeof PlaceOrderBody>;
+
+export const OrderItemSchema = z.object({
+  productId: z.number().int(),
+  name: z.string(),
+  unitPrice: z.number().int(),
+  quantity: z.number().int(),
+  amount: z.number().int(),
+});
+
+export const OrderSchema = z
+  .object({
+    id: z.number().int(),
+    userId: z.number().int(),
+    status: z.literal("COMPLETED"),
+    items: z.array(OrderItemSchema),
+    totalAmount: z.number().int(),
+    discountAmount: z.number().int(),
+    paidAmount: z.number().int(),
+    userCouponId: z.number().int().nullable(),
+    createdAt: Timestamp,
+  })
+  .openapi("Order");
+
+export type OrderDto = z.infer<typeof OrderSchema>;
+export type OrderItemDto = z.infer<typeof OrderItemSchema>;

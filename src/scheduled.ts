@@ -1,0 +1,24 @@
+import { purgeExpiredIdempotencyKeys } from "./lib/idempotency";
+import { log } from "./lib/log";
+import { queuesOf, relayOutbox } from "./orders/outbox";
+
+const relayUnsentOrderEvents = (controller: ScheduledController, env: Env) =>
+  relayOutbox(env.DB, queuesOf(env), new Date(controller.scheduledTime), Number(env.OUTBOX_RELAY_AFTER_SECONDS));
+
+const purgeIdempotencyKeys = (controller: ScheduledController, env: Env) =>
+  purgeExpiredIdempotencyKeys(env, new Date(controller.scheduledTime));
+
+/** The minute cron: housekeeping tasks, each isolated so one failing does not stop the others. */
+export async function handleScheduled(controller: ScheduledController, env: Env, ctx: ExecutionContext): Promise<void> {
+  const tasks: [string, (controller: ScheduledController, env: Env, ctx: ExecutionContext) => Promise<unknown>][] = [
+    ["relay unsent order events", relayUnsentOrderEvents],
+    ["purge expired idempotency keys", purgeIdempotencyKeys],
+  ];
+  for (const [name, task] of tasks) {
+    try {
+      await task(controller, env, ctx);
+    } catch (error) {
+      log("error", "scheduled task failed", { task: name, error: String(error) });
+    }
+  }
+}

@@ -1,0 +1,246 @@
+import { createExecutionContext, createMessageBatch, createScheduledController, getQueueResult } from "cloudflare:test";
+import { env } from "cloudflare:workers";
+import { describe, expect, it } from "vitest";
+import { recordDeadExports } from "../../src/export/dead-letter";
+import { deliverExports, type ExportDeps } from "../../src/export/consumer";
+import type { OrderExportEvent } from "../../src/export/event";
+import { fixedClock } from "../../src/lib/clock";
+import { dispatchOrderEvents, relayOutbox, type OrderQueues } from "../../src/orders/outbox";
+import { handleScheduled } from "../../src/scheduled";
+import { adminToken, call, expectProblem } from "../helpers/api";
+import { all, one } from "../helpers/db";
+import { makeUser } from "../helpers/factories";
+
+const clock = fixedClock("2026-11-20T10:00:00.000Z");
+
+/**
+ * A completed order with its export row and undispatched outbox rows, written straight to D1 so that no
+ * real queue message exists for it (the Worker's own consumer cannot race these tests).
+ */
+async function seededOrder(createdAt = "2026-11-20T09:00:00.000Z"): Promise<OrderExportEvent & { exportId: number }> {
+  const user = await makeUser();
+  const order = await one<{ id: number }>(
+    `INSERT INTO orders (order_key, user_id, status, total_amount, discount_amount, paid_amount, created_at)
+     VALUES (?, ?, 'COMPLETED', 5000, 0, 5000, ?) RETURNING id`,
+    crypto.randomUUID(),
+    user.id,
+    createdAt,
+  );
+  const event: OrderExportEvent = {
+    orderId: order.id,
+    userId: user.id,
+    items: [{ productId: 1, name: "Mug", unitPrice: 5000, quantity: 1, amount: 5000 }],
+    totalAmount: 5000,
+    discountAmount: 0,
+    paidAmount: 5000,
+    completedAt: createdAt,
+  };
+  const stats = { orderId: order.id, date: createdAt.slice(0, 10), items: [{ productId: 1, quantity: 1 }] };
+  await env.DB.batch([
+    env.DB.prepare("INSERT INTO outbox (order_id, topic, payload, created_at) VALUES (?, 'export', ?, ?)").bind(order.id, JSON.stringify(event), createdAt),
+    env.DB.prepare("INSERT INTO outbox (order_id, topic, payload, created_at) VALUES (?, 'stats', ?, ?)").bind(order.id, JSON.stringify(stats), createdAt),
+  ]);
+  const exp = await one<{ id: number }>(
+    "INSERT INTO order_exports (order_id, status, attempts, created_at, updated_at) VALUES (?, 'PENDING', 0, ?, ?) RETURNING id",
+    order.id,
+    createdAt,
+    createdAt,
+  );
+  return { ...event, exportId: exp.id };
+}
+
+interface Posted {
+  url: string;
+  key: string | null;
+  body: unknown;
+}
+
+/** A data platform that answers with the given statuses in turn (the last one repeats). */
+function platform(...statuses: (number | "network-error")[]) {
+  const posted: Posted[] = [];
+  const send = (async (input: RequestInfo | URL, init?: RequestInit) => {
+    const headers = new Headers(init?.headers);
+    posted.push({ url: String(input), key: headers.get("Idempotency-Key"), body: JSON.parse(String(init?.body)) });
+    const status = statuses[Math.min(posted.length - 1, statuses.length - 1)]!;
+    if (status === "network-error") throw new TypeError("Network connection lost.");
+    return new Response(status < 300 ? "{}" : "platform says no", { status });
+  }) as typeof fetch;
+  const deps: ExportDeps = { db: env.DB, url: "https://platform.test/orders", send, clock };
+  return { posted, deps };
+}
+
+async function deliver(body: unknown, deps: ExportDeps, attempts = 1) {
+  const batch = createMessageBatch("order-export", [{ id: `m-${crypto.randomUUID()}`, timestamp: new Date(), attempts, body }]);
+  const ctx = createExecutionContext();
+  await deliverExports(batch, deps);
+  return getQueueResult(batch, ctx);
+}
+
+const exportRow = (orderId: number) =>
+  one<{ status: string; attempts: number; last_error: string | null; sent_at: string | null }>(
+    "SELECT status, attempts, last_error, sent_at FROM order_exports WHERE order_id = ?",
+    orderId,
+  );
+
+describe("export consumer", () => {
+  it("POSTs the order with Idempotency-Key order-<id> and marks it SENT on a 2xx", async () => {
+    const { exportId: _, ...event } = await seededOrder();
+    const { posted, deps } = platform(200);
+    const result = await deliver(event, deps);
+    expect(result.explicitAcks).toHaveLength(1);
+    expect(result.retryMessages).toEqual([]);
+    expect(posted).toEqual([{ url: "https://platform.test/orders", key: `order-${event.orderId}`, body: event }]);
+    expect(await exportRow(event.orderId)).toEqual({ status: "SENT", attempts: 1, last_error: null, sent_at: clock.now().toISOString() });
+  });
+
+  it("retries with exponential backoff while the platform fails, then delivers", async () => {
+    const { exportId: _, ...event } = await seededOrder();
+    const { posted, deps } = platform(503, "network-error", 200);
+
+    const first = await deliver(event, deps, 1);
+    expect(first.retryMessages).toHaveLength(1);
+    expect(await exportRow(event.orderId)).toMatchObject({ status: "PENDING", attempts: 1, last_error: "HTTP 503: platform says no" });
+
+    const second = await deliver(event, deps, 2);
+    expect(second.retryMessages).toHaveLength(1);
+    expect(await exportRow(event.orderId)).toMatchObject({ status: "PENDING", attempts: 2, last_error: "Network connection lost." });
+
+    const third = await deliver(event, deps, 3);
+    expect(third.explicitAcks).toHaveLength(1);
+    expect(await exportRow(event.orderId)).toMatchObject({ status: "SENT", attempts: 3, last_error: null });
+    expect(posted.map((p) => p.key)).toEqual(Array(3).fill(`order-${event.orderId}`));
+  });
+
+  it("does not POST again an order already SENT (redelivery)", async () => {
+    const { exportId: _, ...event } = await seededOrder();
+    const { posted, deps } = platform(200);
+    await deliver(event, deps);
+    const again = await deliver(event, deps);
+    expect(again.explicitAcks).toHaveLength(1);
+    expect(posted).toHaveLength(1);
+  });
+
+  it("acknowledges a malformed message instead of retrying it forever", async () => {
+    const { posted, deps } = platform(200);
+    const result = await deliver({ orderId: "not-a-number" }, deps);
+    expect(result.explicitAcks).toHaveLength(1);
+    expect(result.retryMessages).toEqual([]);
+    expect(posted).toHaveLength(0);
+  });
+});
+
+describe("dead letters and admin retry", () => {
+  it("a permanently failing export becomes FAILED, is listed, and an admin retry re-queues it", async () => {
+    const { exportId, ...event } = await seededOrder();
+    const { deps } = platform(500);
+    await deliver(event, deps, 5);
+    const dead = createMessageBatch("order-export-dlq", [{ id: "dead-1", timestamp: new Date(), attempts: 1, body: event }]);
+    await recordDeadExports(dead, env.DB, clock);
+    expect(await exportRow(event.orderId)).toMatchObject({ status: "FAILED", last_error: "HTTP 500: platform says no" });
+
+    const token = await adminToken();
+    const failed = await call("GET", "/api/admin/exports?status=FAILED&limit=100", { token });
+    expect(failed.status).toBe(200);
+    const listed = failed.body.items.find((e: { id: number }) => e.id === exportId);
+    expect(listed).toMatchObject({ id: exportId, orderId: event.orderId, status: "FAILED", lastError: "HTTP 500: platform says no", sentAt: null });
+    expect(failed.body.items.every((e: { status: string }) => e.status === "FAILED")).toBe(true);
+    const pending = await call("GET", "/api/admin/exports?status=pending&limit=100", { token });
+    expect(pending.body.items.some((e: { id: number }) => e.id === exportId)).toBe(false);
+
+    const retried = await call("POST", `/api/admin/exports/${exportId}/retry`, { token });
+    expect(retried.status).toBe(200);
+    expect(retried.body).toMatchObject({ id: exportId, status: "PENDING" });
+    const outbox = await one<{ dispatched_at: string | null }>("SELECT dispatched_at FROM outbox WHERE order_id = ? AND topic = 'export'", event.orderId);
+    expect(outbox.dispatched_at).not.toBeNull();
+
+    expectProblem(await call("POST", `/api/admin/exports/${exportId}/retry`, { token }), 409, "EXPORT_NOT_FAILED");
+    expectProblem(await call("POST", "/api/admin/exports/99999999/retry", { token }), 404, "EXPORT_NOT_FOUND");
+    expectProblem(await call("GET", "/api/admin/exports?status=lost", { token }), 400, "VALIDATION_FAILED");
+  });
+
+  it("the exports admin routes are admin-only", async () => {
+    const { tokenFor } = await import("../helpers/api");
+    expectProblem(await call("GET", "/api/admin/exports"), 401, "UNAUTHENTICATED");
+    expectProblem(await call("GET", "/api/admin/exports", { token: await tokenFor(1) }), 403, "FORBIDDEN");
+  });
+});
+
+describe("outbox relay", () => {
+  function recordingQueues(failing: ("stats" | "export")[] = []) {
+    const sent: Record<"stats" | "export", unknown[]> = { stats: [], export: [] };
+    const queue = (topic: "stats" | "export") =>
+      ({
+        sendBatch: async (messages: { body: unknown }[]) => {
+          if (failing.includes(topic)) throw new Error(`${topic} queue unavailable`);
+          sent[topic].push(...messages.map((m) => m.body));
+        },
+      }) as unknown as Queue;
+    return { sent, queues: { stats: queue("stats"), export: queue("export") } satisfies OrderQueues };
+  }
+
+  it("a failed send leaves the rows undispatched and the relay re-sends them later", async () => {
+    const { exportId: _, ...event } = await seededOrder();
+    const broken = recordingQueues(["export"]);
+    await dispatchOrderEvents(env.DB, broken.queues, event.orderId, clock.now().toISOString());
+    expect(broken.sent.stats).toHaveLength(1);
+    const rows = await all<{ topic: string; dispatched_at: string | null }>(
+      "SELECT topic, dispatched_at FROM outbox WHERE order_id = ? ORDER BY topic",
+      event.orderId,
+    );
+    expect(rows).toEqual([
+      { topic: "export", dispatched_at: null },
+      { topic: "stats", dispatched_at: clock.now().toISOString() },
+    ]);
+
+    const healthy = recordingQueues();
+    await relayOutbox(env.DB, healthy.queues, new Date("2026-11-20T10:00:00.000Z"), 30);
+    expect(healthy.sent.export).toContainEqual(event);
+    expect(healthy.sent.stats).not.toContainEqual(expect.objectContaining({ orderId: event.orderId }));
+    const after = await one<{ dispatched_at: string | null }>("SELECT dispatched_at FROM outbox WHERE order_id = ? AND topic = 'export'", event.orderId);
+    expect(after.dispatched_at).not.toBeNull();
+  });
+
+  it("leaves rows younger than the grace period to the order's own dispatch", async () => {
+    const { exportId: _, ...event } = await seededOrder("2026-11-20T09:59:50.000Z");
+    const q = recordingQueues();
+    await relayOutbox(env.DB, q.queues, new Date("2026-11-20T10:00:00.000Z"), 30);
+    expect(q.sent.export).not.toContainEqual(expect.objectContaining({ orderId: event.orderId }));
+    await relayOutbox(env.DB, q.queues, new Date("2026-11-20T10:00:30.000Z"), 30);
+    expect(q.sent.export).toContainEqual(expect.objectContaining({ orderId: event.orderId }));
+  });
+
+  it("re-sends messages lost after dispatch, but not completed ones or FAILED exports", async () => {
+    const lost = await seededOrder();
+    const done = await seededOrder();
+    const failed = await seededOrder();
+    const dispatchedAt = "2026-11-20T09:00:00.000Z";
+    await env.DB.prepare("UPDATE outbox SET dispatched_at = ? WHERE order_id IN (?, ?, ?)").bind(dispatchedAt, lost.orderId, done.orderId, failed.orderId).run();
+    // `done` was consumed: the platform got it and the stats were counted.
+    const { deps } = platform(200);
+    await deliver({ ...done, exportId: undefined }, deps);
+    await env.DB.prepare("UPDATE outbox SET completed_at = ? WHERE order_id = ? AND topic = 'stats'").bind(dispatchedAt, done.orderId).run();
+    await env.DB.prepare("UPDATE order_exports SET status = 'FAILED' WHERE order_id = ?").bind(failed.orderId).run();
+
+    const q = recordingQueues();
+    await relayOutbox(env.DB, q.queues, new Date("2026-11-20T09:20:00.000Z"), 30, 30 * 60);
+    const ids = (topic: "stats" | "export") => q.sent[topic].map((m) => (m as { orderId: number }).orderId);
+    expect(ids("export")).not.toContain(lost.orderId);
+
+    await relayOutbox(env.DB, q.queues, new Date("2026-11-20T09:31:00.000Z"), 30, 30 * 60);
+    expect(ids("export")).toContain(lost.orderId);
+    expect(ids("stats")).toContain(lost.orderId);
+    expect(ids("stats")).toContain(failed.orderId);
+    expect(ids("export")).not.toContain(done.orderId);
+    expect(ids("stats")).not.toContain(done.orderId);
+    expect(ids("export")).not.toContain(failed.orderId);
+  });
+
+  it("runs from the cron trigger", async () => {
+    const { exportId: _, ...event } = await seededOrder("2026-11-20T08:00:00.000Z");
+    const controller = createScheduledController({ scheduledTime: new Date("2026-11-20T10:00:00.000Z"), cron: "* * * * *" });
+    await handleScheduled(controller, env, createExecutionContext());
+    const rows = await all<{ dispatched_at: string | null }>("SELECT dispatched_at FROM outbox WHERE order_id = ?", event.orderId);
+    expect(rows).toHaveLength(2);
+    expect(rows.every((r) => r.dispatched_at !== null)).toBe(true);
+  });
+});

@@ -1,0 +1,150 @@
+import { runInDurableObject } from "cloudflare:test";
+import { env } from "cloudflare:workers";
+import { describe, expect, it } from "vitest";
+import { adminToken, call, tokenFor } from "../helpers/api";
+import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
+import { makeProduct, makeUser } from "../helpers/factories";
+import type { ProductStock } from "../../src/orders/product-stock";
+
+const stockObject = (productId: number) => env.PRODUCT_STOCK.get(env.PRODUCT_STOCK.idFromName(String(productId)));
+
+async function buyers(count: number, balance: number) {
+  return Promise.all(
+    Array.from({ length: count }, async () => {
+      const user = await makeUser();
+      await fund(user.id, balance);
+      return { id: user.id, token: await tokenFor(user.id) };
+    }),
+  );
+}
+
+describe("order storms", () => {
+  it("20 buyers on 3 units: exactly 3 orders, stock 0, money taken only from the winners", async () => {
+    const product = await makeProduct({ price: 7_000, stock: 3 });
+    const crowd = await buyers(20, 10_000);
+    const results = await Promise.all(
+      crowd.map((b) => call("POST", "/api/orders", { token: b.token, body: { items: [{ productId: product.id, quantity: 1 }] } })),
+    );
+    const winners = crowd.filter((_, i) => results[i]!.status === 200);
+    expect(winners).toHaveLength(3);
+    expect(results.filter((r) => r.status === 400 && r.body.code === "OUT_OF_STOCK")).toHaveLength(17);
+
+    expect((await one<{ stock: number }>("SELECT stock FROM products WHERE id = ?", product.id)).stock).toBe(0);
+    const sold = await one<{ orders: number; units: number }>(
+      "SELECT count(DISTINCT order_id) AS orders, sum(quantity) AS units FROM order_items WHERE product_id = ?",
+      product.id,
+    );
+    expect(sold).toEqual({ orders: 3, units: 3 });
+    for (const b of crowd) {
+      const wallet = await walletInvariant(b.id);
+      const won = winners.includes(b);
+      expect(wallet.balance).toBe(won ? 3_000 : 10_000);
+      expect(wallet.ledger).toBe(wallet.balance);
+      expect(wallet.newest).toBe(wallet.balance);
+    }
+    // The object agrees with D1 once the commits have landed.
+    await expect.poll(() => stockObject(product.id).snapshot(product.id)).toEqual({ stock: 0, reserved: 0, available: 0 });
+  });
+
+  it("a multi-product storm never oversells any product and never half-applies an order", async () => {
+    const a = await makeProduct({ price: 1_000, stock: 4 });
+    const b = await makeProduct({ price: 1_000, stock: 6 });
+    const crowd = await buyers(12, 5_000);
+    const results = await Promise.all(
+      crowd.map((buyer, i) =>
+        call("POST", "/api/orders", {
+          token: buyer.token,
+          // Alternate line order so reservations are attempted in both orders.
+          body: { items: i % 2 ? [{ productId: a.id, quantity: 1 }, { productId: b.id, quantity: 1 }] : [{ productId: b.id, quantity: 1 }, { productId: a.id, quantity: 1 }] },
+        }),
+      ),
+    );
+    const ok = results.filter((r) => r.status === 200).length;
+    expect(ok).toBe(4);
+    const stocks = await all<{ id: number; stock: number }>("SELECT id, stock FROM products WHERE id IN (?, ?) ORDER BY id", a.id, b.id);
+    expect(stocks).toEqual([
+      { id: a.id, stock: 0 },
+      { id: b.id, stock: 2 },
+    ]);
+    const lines = await one<{ n: number }>("SELECT count(*) AS n FROM order_items WHERE product_id IN (?, ?)", a.id, b.id);
+    expect(lines.n).toBe(8);
+    await expect.poll(() => stockObject(b.id).snapshot(b.id)).toEqual({ stock: 2, reserved: 0, available: 2 });
+  });
+
+  it("two parallel orders with one coupon: exactly one uses it", async () => {
+    const user = await makeUser();
+    await fund(user.id, 100_000);
+    const token = await tokenFor(user.id);
+    const product = await makeProduct({ price: 10_000, stock: 10 });
+    const userCouponId = await grantCoupon(user.id, { discountValue: 2_000 });
+    const results = await Promise.all(
+      [1, 2].map(() => call("POST", "/api/orders", { token, body: { items: [{ productId: product.id, quantity: 1 }], userCouponId } })),
+    );
+    expect(results.map((r) => r.status).sort()).toEqual([200, 400]);
+    expect(results.find((r) => r.status === 400)!.body.code).toBe("COUPON_NOT_USABLE");
+    expect((await one<{ n: number }>("SELECT count(*) AS n FROM orders WHERE user_coupon_id = ?", userCouponId)).n).toBe(1);
+    expect(await walletInvariant(user.id)).toEqual({ balance: 92_000, ledger: 92_000, newest: 92_000 });
+    await expect.poll(() => stockObject(product.id).snapshot(product.id)).toEqual({ stock: 9, reserved: 0, available: 9 });
+  });
+
+  it("parallel orders draining one wallet: the balance never goes negative and the ledger stays exact", async () => {
+    const user = await makeUser();
+    await fund(user.id, 25_000);
+    const token = await tokenFor(user.id);
+    const product = await makeProduct({ price: 10_000, stock: 100 });
+    const results = await Promise.all(
+      Array.from({ length: 6 }, () => call("POST", "/api/orders", { token, body: { items: [{ productId: product.id, quantity: 1 }] } })),
+    );
+    expect(results.filter((r) => r.status === 200)).toHaveLength(2);
+    expect(results.filter((r) => r.body?.code === "INSUFFICIENT_BALANCE")).toHaveLength(4);
+    expect(await walletInvariant(user.id)).toEqual({ balance: 5_000, ledger: 5_000, newest: 5_000 });
+    expect((await one<{ stock: number }>("SELECT stock FROM products WHERE id = ?", product.id)).stock).toBe(98);
+    await expect.poll(() => stockObject(product.id).snapshot(product.id)).toEqual({ stock: 98, reserved: 0, available: 98 });
+  });
+});
+
+describe("the product's stock object", () => {
+  it("admin stock changes go through the object, so it and D1 agree", async () => {
+    const product = await makeProduct({ stock: 2 });
+    const token = await adminToken();
+    const patched = await call("PATCH", `/api/admin/products/${product.id}`, { token, body: { stockDelta: 5 } });
+    expect(patched.body.stock).toBe(7);
+    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 7, reserved: 0, available: 7 });
+    const refused = await call("PATCH", `/api/admin/products/${product.id}`, { token, body: { stockDelta: -8 } });
+    expect(refused.body.code).toBe("OUT_OF_STOCK");
+    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 7, reserved: 0, available: 7 });
+  });
+
+  it("an admin cannot take stock already reserved by an order in flight", async () => {
+    const product = await makeProduct({ stock: 5 });
+    const stub = stockObject(product.id);
+    expect(await stub.reserve(product.id, "in-flight-order", 4)).toMatchObject({ ok: true, available: 1 });
+    const res = await call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: -2 } });
+    expect(res.body.code).toBe("OUT_OF_STOCK");
+    await stub.release(product.id, "in-flight-order");
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
+  });
+
+  it("after a restart it reloads from D1 and keeps reservations whose order never committed", async () => {
+    const product = await makeProduct({ stock: 10 });
+    const stub = stockObject(product.id);
+    await stub.reserve(product.id, "orphan-order", 3);
+    // Simulate a restart: drop in-memory state, keep storage.
+    await runInDurableObject(stub, (instance: ProductStock) => {
+      (instance as unknown as { productId: number | null }).productId = null;
+    });
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 10, reserved: 3, available: 7 });
+  });
+
+  it("the settlement alarm releases an expired reservation whose order never reached D1", async () => {
+    const product = await makeProduct({ stock: 4 });
+    const stub = stockObject(product.id);
+    await stub.reserve(product.id, "abandoned-order", 4);
+    expect(await stub.snapshot(product.id)).toMatchObject({ available: 0 });
+    await runInDurableObject(stub, async (instance: ProductStock, state) => {
+      state.storage.sql.exec("UPDATE reservations SET expires_at = 0");
+      await instance.alarm();
+    });
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 4, reserved: 0, available: 4 });
+  });
+});
