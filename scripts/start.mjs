@@ -1,6 +1,6 @@
 // npm start: .dev.vars, local D1 migrations, demo data, then `wrangler dev` on http://localhost:8787, offline.
 import { startDataPlatform } from "./data-platform.mjs";
-import { ensureDevVars, readDevVars, startWranglerDev, tokenFor, wrangler } from "./local.mjs";
+import { driveCron, ensureDevVars, readDevVars, startWranglerDev, tokenFor, wrangler } from "./local.mjs";
 
 const PORT = Number(process.env.PORT ?? 8787);
 const PERSIST = ".wrangler/state";
@@ -26,7 +26,10 @@ Demo data is in place (users 1-3, products 1-6, coupons 1-2).
 const platform = DATA_PLATFORM_URL?.startsWith("http://127.0.0.1:8788/") ? startDataPlatform(8788) : null;
 
 const dev = startWranglerDev({ port: PORT, persistTo: PERSIST });
+// wrangler dev does not fire cron triggers by itself: drive the minute cron (outbox relay, key purge).
+const cron = driveCron(`http://127.0.0.1:${PORT}`);
 const stop = () => {
+  clearInterval(cron);
   platform?.close();
   dev.kill("SIGINT");
 };

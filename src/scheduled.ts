@@ -3,7 +3,13 @@ import { log } from "./lib/log";
 import { queuesOf, relayOutbox } from "./orders/outbox";
 
 const relayUnsentOrderEvents = (controller: ScheduledController, env: Env) =>
-  relayOutbox(env.DB, queuesOf(env), new Date(controller.scheduledTime), Number(env.OUTBOX_RELAY_AFTER_SECONDS));
+  relayOutbox(
+    env.DB,
+    queuesOf(env),
+    new Date(controller.scheduledTime),
+    Number(env.OUTBOX_RELAY_AFTER_SECONDS),
+    Number(env.OUTBOX_REDELIVER_AFTER_SECONDS),
+  );
 
 const purgeIdempotencyKeys = (controller: ScheduledController, env: Env) =>
   purgeExpiredIdempotencyKeys(env, new Date(controller.scheduledTime));

@@ -9,9 +9,6 @@ export interface OrderQueues {
   export: Queue;
 }
 
-/** Longer than a message's whole retry schedule, so only a lost message is sent again. */
-export const DEFAULT_REDELIVER_AFTER_SECONDS = 30 * 60;
-
 export const queuesOf = (env: Env): OrderQueues => ({ stats: env.STATS_QUEUE, export: env.EXPORT_QUEUE });
 
 interface OutboxRow {
@@ -59,7 +56,7 @@ export async function relayOutbox(
   queues: OrderQueues,
   now: Date,
   afterSeconds: number,
-  redeliverAfterSeconds = DEFAULT_REDELIVER_AFTER_SECONDS,
+  redeliverAfterSeconds: number,
 ): Promise<number> {
   const before = (seconds: number) => new Date(now.getTime() - seconds * 1000).toISOString();
   const [unsent, lost] = await db.batch<OutboxRow>([

@@ -193,7 +193,7 @@ describe("outbox relay", () => {
     ]);
 
     const healthy = recordingQueues();
-    await relayOutbox(env.DB, healthy.queues, new Date("2026-11-20T10:00:00.000Z"), 30);
+    await relayOutbox(env.DB, healthy.queues, new Date("2026-11-20T10:00:00.000Z"), 30, 1800);
     expect(healthy.sent.export).toContainEqual(event);
     expect(healthy.sent.stats).not.toContainEqual(expect.objectContaining({ orderId: event.orderId }));
     const after = await one<{ dispatched_at: string | null }>("SELECT dispatched_at FROM outbox WHERE order_id = ? AND topic = 'export'", event.orderId);
@@ -203,9 +203,9 @@ describe("outbox relay", () => {
   it("leaves rows younger than the grace period to the order's own dispatch", async () => {
     const { exportId: _, ...event } = await seededOrder("2026-11-20T09:59:50.000Z");
     const q = recordingQueues();
-    await relayOutbox(env.DB, q.queues, new Date("2026-11-20T10:00:00.000Z"), 30);
+    await relayOutbox(env.DB, q.queues, new Date("2026-11-20T10:00:00.000Z"), 30, 1800);
     expect(q.sent.export).not.toContainEqual(expect.objectContaining({ orderId: event.orderId }));
-    await relayOutbox(env.DB, q.queues, new Date("2026-11-20T10:00:30.000Z"), 30);
+    await relayOutbox(env.DB, q.queues, new Date("2026-11-20T10:00:30.000Z"), 30, 1800);
     expect(q.sent.export).toContainEqual(expect.objectContaining({ orderId: event.orderId }));
   });
 
