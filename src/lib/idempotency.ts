@@ -29,8 +29,10 @@ import type { AppEnv, Db } from "../env";
  *                                             next request with the same fingerprint takes it over
  *
  * Use it only behind `authenticate` (the scope is the caller), and only around a handler whose effect
- * commits in one D1 transaction: a crash after that commit but before the response is stored cannot be
- * told apart from one before it, so after `locked_until` the handler would run again.
+ * commits in one D1 transaction. A crash after that commit but before the response is stored cannot be
+ * told apart from one before it, so after `locked_until` the handler would run again, unless the handler
+ * closes that gap: it gets the claim and can add `completeClaim(...)` to its own batch, so the effect and
+ * the stored response commit together (orders do this).
  * Rows expire after 24 h; `purgeExpiredIdempotencyKeys` (cron) deletes them.
  */
 
@@ -48,9 +50,12 @@ type KeyRow = typeof idempotencyKeys.$inferSelect;
  * Generic only so a typed route handler keeps its response type: a replay is the stored copy of what
  * `handler` (or the problem response of its AppError) returned the first time.
  */
-export async function idempotent<R extends Response>(c: Context<AppEnv>, handler: () => Promise<R>): Promise<R> {
+export async function idempotent<R extends Response>(
+  c: Context<AppEnv>,
+  handler: (claim: Claim | null) => Promise<R>,
+): Promise<R> {
   const key = c.req.header("Idempotency-Key");
-  if (key === undefined) return handler();
+  if (key === undefined) return handler(null);
   if (!keySchema.safeParse(key).success) {
     throw new AppError("VALIDATION_FAILED", "The Idempotency-Key header is not valid", [
       { path: "idempotency-key", message: "1..255 printable ASCII characters" },
@@ -90,7 +95,20 @@ export async function purgeExpiredIdempotencyKeys(env: Env, now: Date): Promise<
   return result.meta.changes;
 }
 
-interface Claim {
+/**
+ * A statement for the handler's own D1 batch that stores its successful response (status 200 and the JSON
+ * text `bodySql` evaluates to) in the claim, atomically with the effect. `bodySql` is our SQL, never input.
+ */
+export function completeClaim(db: D1Database, claim: Claim, bodySql: string, ...bodyParams: unknown[]): D1PreparedStatement {
+  return db
+    .prepare(
+      `UPDATE idempotency_keys SET state = 'DONE', response_status = 200, response_body = (${bodySql})
+       WHERE scope = ? AND key = ? AND state = 'IN_PROGRESS' AND locked_until = ?`,
+    )
+    .bind(...bodyParams, claim.scope, claim.key, claim.lockedUntil);
+}
+
+export interface Claim {
   scope: string;
   key: string;
   requestHash: string;
@@ -161,11 +179,11 @@ async function runClaimed(
   c: Context<AppEnv>,
   db: Db,
   claim: Claim,
-  handler: () => Promise<Response>,
+  handler: (claim: Claim) => Promise<Response>,
 ): Promise<Response> {
   let response: Response;
   try {
-    response = await handler();
+    response = await handler(claim);
   } catch (error) {
     if (!(error instanceof AppError) || error.status >= 500) {
       await release(db, claim);

@@ -1,6 +1,7 @@
 import { OpenAPIHono, z } from "@hono/zod-openapi";
 import type { Hook } from "@hono/zod-openapi";
 import { AppError, ERRORS } from "./errors";
+import type { Context, TypedResponse } from "hono";
 import type { AppEnv } from "../env";
 
 // Every validation failure, from any route, becomes the same 400 VALIDATION_FAILED problem.
@@ -76,3 +77,11 @@ export const IdempotencyKeyHeader = z.object({
     .optional()
     .openapi({ description: "Replays the first result for the same key, caller and body within 24 h" }),
 });
+
+/**
+ * Sends JSON text that is already serialised (rendered by SQLite, or read from a cache) without parsing
+ * it again. The type parameter is the schema the text satisfies, so the route stays typed.
+ */
+export function jsonText<T>(c: Context<AppEnv>, text: string): Response & TypedResponse<T, 200, "json"> {
+  return c.body(text, 200, { "Content-Type": "application/json" }) as unknown as Response & TypedResponse<T, 200, "json">;
+}

@@ -4,7 +4,9 @@ import { utcDate, type Clock } from "../lib/clock";
 import { discountFor, type DiscountType } from "../lib/money";
 import type { OrderDto, PlaceOrder } from "./schemas";
 import { commitStock, releaseStock, reserveStock } from "./stock";
+import { completeClaim, type Claim } from "../lib/idempotency";
 import { dispatchOrderEvents, type OrderQueues } from "./outbox";
+import { orderJsonSql } from "./queries";
 
 export interface PlaceOrderDeps {
   env: Env;
@@ -12,6 +14,8 @@ export interface PlaceOrderDeps {
   queues: OrderQueues;
   /** Work that may finish after the response (ctx.waitUntil). */
   defer: (work: Promise<unknown>) => void;
+  /** The request's idempotency claim, completed in the order's own batch. */
+  claim: Claim | null;
 }
 
 interface ProductPrice {
@@ -37,8 +41,9 @@ interface CouponForOrder {
  * 3. one D1 batch (one transaction) writes the order, items, stock, balance, ledger, coupon use and outbox;
  *    the schema's constraints refuse it whole if the balance, stock or coupon changed meanwhile;
  * 4. after commit: confirm the reservations and hand the outbox to the queues, off the response path.
+ * Returns the order as JSON text (see orderJsonSql), as stored for an idempotent replay.
  */
-export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: PlaceOrder): Promise<OrderDto> {
+export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: PlaceOrder): Promise<string> {
   const { env, clock } = deps;
   const now = clock.now();
   const { products, balance, coupon } = await readOrderInputs(env.DB, userId, input);
@@ -67,18 +72,18 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
 
   const createdAt = now.toISOString();
   const order = { userId, items, totalAmount, discountAmount, paidAmount, userCouponId: coupon?.id ?? null, createdAt };
-  let orderId: number;
+  let written: { orderId: number; body: string };
   try {
-    orderId = await writeOrder(env.DB, orderKey, order, utcDate(now));
+    written = await writeOrder(env.DB, orderKey, order, utcDate(now), deps.claim);
   } catch (error) {
     await releaseStock(env, orderKey, lines);
     throw translateWriteError(error);
   }
 
   deps.defer(
-    Promise.all([commitStock(env, orderKey, lines), dispatchOrderEvents(env.DB, deps.queues, orderId, createdAt)]),
+    Promise.all([commitStock(env, orderKey, lines), dispatchOrderEvents(env.DB, deps.queues, written.orderId, createdAt)]),
   );
-  return { id: orderId, status: "COMPLETED", ...order };
+  return written.body;
 }
 
 async function readOrderInputs(db: D1Database, userId: number, input: PlaceOrder) {
@@ -118,8 +123,17 @@ function assertCouponUsable(coupon: CouponForOrder, userId: number, totalAmount:
 
 interface OrderToWrite extends Omit<OrderDto, "id" | "status"> {}
 
-/** One batch: every row of the order changes together or not at all. Returns the new order id. */
-async function writeOrder(db: D1Database, orderKey: string, order: OrderToWrite, statDate: string): Promise<number> {
+/**
+ * One batch: every row of the order changes together or not at all, the idempotency claim (if any)
+ * included. Returns the new order's id and its JSON.
+ */
+async function writeOrder(
+  db: D1Database,
+  orderKey: string,
+  order: OrderToWrite,
+  statDate: string,
+  claim: Claim | null,
+): Promise<{ orderId: number; body: string }> {
   const { userId, items, totalAmount, discountAmount, paidAmount, userCouponId, createdAt } = order;
   const orderId = "(SELECT id FROM orders WHERE order_key = ?)";
   const statsEvent = { date: statDate, items: items.map((i) => ({ productId: i.productId, quantity: i.quantity })) };
@@ -182,8 +196,13 @@ async function writeOrder(db: D1Database, orderKey: string, order: OrderToWrite,
       .bind(orderKey, createdAt, createdAt),
   );
 
-  const [inserted] = await db.batch<{ id: number }>(statements);
-  return inserted!.results[0]!.id;
+  const orderJson = `SELECT ${orderJsonSql("o")} FROM orders o WHERE o.order_key = ?`;
+  if (claim) statements.push(completeClaim(db, claim, orderJson, orderKey));
+  statements.push(db.prepare(`SELECT o.id, ${orderJsonSql("o")} AS body FROM orders o WHERE o.order_key = ?`).bind(orderKey));
+
+  const results = await db.batch<Record<string, unknown>>(statements);
+  const row = results.at(-1)!.results[0] as { id: number; body: string };
+  return { orderId: row.id, body: row.body };
 }
 
 function translateWriteError(error: unknown): unknown {

@@ -3,54 +3,48 @@ import { afterCursorSql, toPage, type Page, type PageQuery } from "../lib/pagina
 import type { Caller } from "../lib/auth";
 import type { OrderDto } from "./schemas";
 
-interface OrderRow {
-  id: number;
-  user_id: number;
-  total_amount: number;
-  discount_amount: number;
-  paid_amount: number;
-  user_coupon_id: number | null;
-  created_at: string;
-  items: string;
+/**
+ * An order as the API shows it, rendered by SQLite as JSON text (items in line order). Every response
+ * that carries an order is this text: the one placing it, the stored idempotent replay (written in the
+ * order's own batch), and the reads, so they agree byte for byte.
+ */
+export function orderJsonSql(alias: string): string {
+  return `json_object(
+    'id', ${alias}.id, 'userId', ${alias}.user_id, 'status', ${alias}.status,
+    'items', json((SELECT json_group_array(json_object('productId', i.product_id, 'name', i.name,
+      'unitPrice', i.unit_price, 'quantity', i.quantity, 'amount', i.amount))
+      FROM (SELECT * FROM order_items WHERE order_id = ${alias}.id ORDER BY id) i)),
+    'totalAmount', ${alias}.total_amount, 'discountAmount', ${alias}.discount_amount,
+    'paidAmount', ${alias}.paid_amount, 'userCouponId', ${alias}.user_coupon_id, 'createdAt', ${alias}.created_at)`;
 }
 
-// Orders come with their items in one query (json_group_array), in line order.
-const ORDER_SELECT = `
-  SELECT o.id, o.user_id, o.total_amount, o.discount_amount, o.paid_amount, o.user_coupon_id, o.created_at,
-    (SELECT json_group_array(json_object('productId', i.product_id, 'name', i.name, 'unitPrice', i.unit_price,
-       'quantity', i.quantity, 'amount', i.amount)) FROM (SELECT * FROM order_items WHERE order_id = o.id ORDER BY id) i) AS items
-  FROM orders o`;
+interface OrderJsonRow {
+  id: number;
+  user_id: number;
+  created_at: string;
+  body: string;
+}
 
-const toOrderDto = (row: OrderRow): OrderDto => ({
-  id: row.id,
-  userId: row.user_id,
-  status: "COMPLETED",
-  items: JSON.parse(row.items),
-  totalAmount: row.total_amount,
-  discountAmount: row.discount_amount,
-  paidAmount: row.paid_amount,
-  userCouponId: row.user_coupon_id,
-  createdAt: row.created_at,
-});
+const SELECT_ORDER = `SELECT o.id, o.user_id, o.created_at, ${orderJsonSql("o")} AS body FROM orders o`;
 
 /** Another user's order is reported as missing, not forbidden: its existence is not the caller's business. */
-export async function getOrder(db: D1Database, caller: Caller, orderId: number): Promise<OrderDto> {
-  const row = await db.prepare(`${ORDER_SELECT} WHERE o.id = ?`).bind(orderId).first<OrderRow>();
+export async function getOrderJson(db: D1Database, caller: Caller, orderId: number): Promise<string> {
+  const row = await db.prepare(`${SELECT_ORDER} WHERE o.id = ?`).bind(orderId).first<OrderJsonRow>();
   if (!row || (caller.role !== "admin" && row.user_id !== caller.userId)) {
     throw new AppError("ORDER_NOT_FOUND", `Order ${orderId} does not exist`);
   }
-  return toOrderDto(row);
+  return row.body;
 }
 
 export async function listOrders(db: D1Database, userId: number, page: PageQuery): Promise<Page<OrderDto>> {
   const after = afterCursorSql("o.created_at", "o.id", page.cursor);
   const { results } = await db
-    .prepare(`${ORDER_SELECT} WHERE o.user_id = ? ${after ? `AND ${after.sql}` : ""} ORDER BY o.created_at DESC, o.id DESC LIMIT ?`)
+    .prepare(`${SELECT_ORDER} WHERE o.user_id = ? ${after ? `AND ${after.sql}` : ""} ORDER BY o.created_at DESC, o.id DESC LIMIT ?`)
     .bind(userId, ...(after?.params ?? []), page.limit + 1)
-    .all<OrderRow>();
+    .all<OrderJsonRow>();
   return toPage(
-    results.map((r) => ({ ...r, createdAt: r.created_at })),
+    results.map((r) => ({ id: r.id, createdAt: r.created_at, body: r.body })),
     page.limit,
-    toOrderDto,
+    (r) => JSON.parse(r.body) as OrderDto,
   );
 }

@@ -1,12 +1,12 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import { actingUserId, authenticate } from "../lib/auth";
 import { idempotent } from "../lib/idempotency";
-import { bearer, createRouter, Id, IdempotencyKeyHeader, jsonBody, jsonResponse, problems } from "../lib/openapi";
+import { bearer, createRouter, Id, IdempotencyKeyHeader, jsonBody, jsonResponse, jsonText, problems } from "../lib/openapi";
 import { pageQuery, pageSchema } from "../lib/pagination";
 import { queuesOf } from "./outbox";
 import { placeOrder } from "./place-order";
-import { getOrder, listOrders } from "./queries";
-import { OrderSchema, PlaceOrderBody } from "./schemas";
+import { getOrderJson, listOrders } from "./queries";
+import { OrderSchema, PlaceOrderBody, type OrderDto } from "./schemas";
 
 const orderRoute = { tags: ["Orders"], security: bearer, middleware: [authenticate] };
 
@@ -26,18 +26,19 @@ export const orderRoutes = createRouter()
     async (c) => {
       const input = c.req.valid("json");
       const userId = actingUserId(c.get("caller"), input.userId);
-      return idempotent(c, async () => {
+      return idempotent(c, async (claim) => {
         const order = await placeOrder(
           {
             env: c.env,
             clock: c.get("clock"),
             queues: queuesOf(c.env),
             defer: (work) => c.executionCtx.waitUntil(work),
+            claim,
           },
           userId,
           input,
         );
-        return c.json(order, 200);
+        return jsonText<OrderDto>(c, order);
       });
     },
   )
@@ -65,5 +66,8 @@ export const orderRoutes = createRouter()
       request: { params: z.object({ orderId: Id }) },
       responses: { 200: jsonResponse(OrderSchema, "The order"), ...problems(400, 401, 404) },
     }),
-    async (c) => c.json(await getOrder(c.env.DB, c.get("caller"), c.req.valid("param").orderId), 200),
+    async (c) => {
+      const order = await getOrderJson(c.env.DB, c.get("caller"), c.req.valid("param").orderId);
+      return jsonText<OrderDto>(c, order);
+    },
   );

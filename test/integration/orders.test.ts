@@ -1,4 +1,8 @@
+import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
+import { systemClock } from "../../src/lib/clock";
+import { requestFingerprint } from "../../src/lib/idempotency";
+import { placeOrder } from "../../src/orders/place-order";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
 import { makeProduct, makeUser } from "../helpers/factories";
@@ -294,5 +298,38 @@ describe("POST /api/orders: Idempotency-Key", () => {
     expect((await one<{ n: number }>("SELECT count(*) AS n FROM orders WHERE user_id = ?", user.id)).n).toBe(1);
     expect((await one<{ stock: number }>("SELECT stock FROM products WHERE id = ?", product.id)).stock).toBe(99);
     expect(await walletInvariant(user.id)).toEqual({ balance: 99_000, ledger: 99_000, newest: 99_000 });
+  });
+});
+
+describe("POST /api/orders: a crash between commit and response", () => {
+  it("a retry after the Worker died past its commit replays the order instead of placing it again", async () => {
+    const user = await buyer(50_000);
+    const product = await makeProduct({ price: 1_000, stock: 10 });
+    const body = JSON.stringify({ items: [{ productId: product.id, quantity: 1 }] });
+    const key = crypto.randomUUID();
+    const claim = {
+      scope: `user:${user.id}`,
+      key,
+      requestHash: await requestFingerprint("POST", "/api/orders", body),
+      // The lock has already run out, as it has by the time a client retries after a crash.
+      lockedUntil: new Date(Date.now() - 1_000).toISOString(),
+    };
+    const now = new Date().toISOString();
+    await env.DB.prepare(
+      `INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at)
+       VALUES (?, ?, ?, 'IN_PROGRESS', ?, ?, ?)`,
+    )
+      .bind(claim.scope, key, claim.requestHash, claim.lockedUntil, now, new Date(Date.now() + 86_400_000).toISOString())
+      .run();
+    const noQueues = { stats: {} as Queue, export: {} as Queue };
+    // The first attempt gets as far as its commit, then the Worker dies: nothing after the batch runs.
+    const committed = await placeOrder({ env, clock: systemClock, queues: noQueues, defer: () => {}, claim }, user.id, JSON.parse(body));
+
+    const retry = await call("POST", "/api/orders", { token: user.token, body, headers: { "Idempotency-Key": key } });
+    expect(retry.status).toBe(200);
+    expect(retry.text).toBe(committed);
+    expect(retry.headers.get("Idempotent-Replayed")).toBe("true");
+    expect((await one<{ n: number }>("SELECT count(*) AS n FROM orders WHERE user_id = ?", user.id)).n).toBe(1);
+    expect(await walletInvariant(user.id)).toEqual({ balance: 49_000, ledger: 49_000, newest: 49_000 });
   });
 });
