@@ -1,7 +1,7 @@
-import { createRoute } from "@hono/zod-openapi";
+import { createRoute, type z } from "@hono/zod-openapi";
 import { actingUserId, authenticate } from "../lib/auth";
 import { idempotent } from "../lib/idempotency";
-import { bearer, createRouter, IdempotencyKeyHeader, jsonBody, jsonResponse, problems } from "../lib/openapi";
+import { bearer, createRouter, IdempotencyKeyHeader, jsonBody, jsonResponse, jsonText, problems } from "../lib/openapi";
 import { pageSchema } from "../lib/pagination";
 import {
   BalanceParams,
@@ -43,10 +43,11 @@ export const walletRoutes = createRouter()
       },
     }),
     async (c) =>
-      idempotent(c, async () => {
+      idempotent(c, async (claim) => {
         const { userId, amount } = c.req.valid("json");
         const target = actingUserId(c.get("caller"), userId);
-        return c.json(await chargeBalance(c.get("db"), c.get("clock"), target, amount), 200);
+        const charged = await chargeBalance(c.get("db"), c.get("clock"), target, amount, claim);
+        return jsonText<z.infer<typeof ChargeResultSchema>>(c, charged);
       }),
   )
   .openapi(

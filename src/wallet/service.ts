@@ -5,6 +5,7 @@ import { afterCursor, toPage, type Page, type PageQuery } from "../lib/paginatio
 import { getUserOrThrow } from "../users/service";
 import type { Clock } from "../lib/clock";
 import type { Db } from "../env";
+import { completeClaimQuery, type Claim } from "../lib/idempotency";
 
 export interface TransactionDto {
   id: number;
@@ -19,12 +20,6 @@ export interface BalanceDto {
   userId: number;
   balance: number;
   updatedAt: string;
-}
-
-export interface ChargeResult {
-  userId: number;
-  balance: number;
-  transaction: TransactionDto;
 }
 
 const toTransactionDto = (t: typeof walletTransactions.$inferSelect): TransactionDto => ({
@@ -44,25 +39,40 @@ export async function getBalance(db: Db, userId: number): Promise<BalanceDto> {
 /**
  * Adds `amount` to the balance and writes its ledger row in one D1 transaction. The update is a
  * guarded `balance = balance + ?` (no read-modify-write in the Worker), so parallel charges all land
- * and none can push the balance past the limit.
+ * and none can push the balance past the limit. The response is rendered by SQLite from the new ledger
+ * row in the same transaction, and with an idempotency claim it is stored there too: a Worker dying
+ * after the commit cannot make a retry charge twice. Returns the response's JSON text.
  */
-export async function chargeBalance(db: Db, clock: Clock, userId: number, amount: number): Promise<ChargeResult> {
+export async function chargeBalance(
+  db: Db,
+  clock: Clock,
+  userId: number,
+  amount: number,
+  claim: Claim | null,
+): Promise<string> {
   const now = clock.now().toISOString();
-  const [updated, recorded] = await db.batch([
+  // Only right after the ledger INSERT, and only if it inserted (changes() = 1, so last_insert_rowid()
+  // is that row and not an older one of this connection).
+  const responseSql = sql`SELECT json_object('userId', t.user_id, 'balance', t.balance_after, 'transaction',
+      json_object('id', t.id, 'type', t.type, 'amount', t.amount, 'balanceAfter', t.balance_after,
+        'orderId', t.order_id, 'createdAt', t.created_at))
+    FROM wallet_transactions t WHERE t.id = last_insert_rowid() AND changes() = 1`;
+  const [updated, recorded, response] = await db.batch([
     db
       .update(users)
       .set({ balance: sql`${users.balance} + ${amount}`, updatedAt: now })
       .where(and(eq(users.id, userId), sql`${users.balance} + ${amount} <= ${BALANCE_LIMIT}`))
       .returning({ balance: users.balance }),
     recordCharge(db, userId, amount, now),
+    db.all<{ body: string }>(sql`SELECT (${responseSql}) AS body`),
+    ...(claim ? [completeClaimQuery(db, claim, responseSql)] : []),
   ]);
-  const [transaction] = recorded;
-  if (!updated[0] || !transaction) {
+  if (!updated[0] || !recorded[0]) {
     // Users are never deleted, so this read only picks which refusal it was; it cannot race the update.
     await getUserOrThrow(db, userId);
     throw new AppError("BALANCE_LIMIT_EXCEEDED", `The balance may not pass ${BALANCE_LIMIT} won`);
   }
-  return { userId, balance: updated[0].balance, transaction: toTransactionDto(transaction) };
+  return response[0]!.body;
 }
 
 /**

@@ -3,7 +3,9 @@ import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { createApp } from "../../src/app";
 import { authenticate } from "../../src/lib/auth";
-import { fixedClock, DAY_MS } from "../../src/lib/clock";
+import { createDb } from "../../src/db/client";
+import { fixedClock, systemClock, DAY_MS } from "../../src/lib/clock";
+import { chargeBalance } from "../../src/wallet/service";
 import { AppError } from "../../src/lib/errors";
 import { idempotent, purgeExpiredIdempotencyKeys, requestFingerprint } from "../../src/lib/idempotency";
 import { handleScheduled } from "../../src/scheduled";
@@ -194,6 +196,21 @@ describe("concurrency and failure", () => {
     expect(await ledgerCount(user.id)).toBe(1);
     expect(await keyRow(scope, key)).toMatchObject({ state: "DONE", response_status: 200, response_body: res.text });
     expect((await chargeWithKey(token, key, body)).headers.get("idempotent-replayed")).toBe("true");
+  });
+
+  it("a charge that committed before its Worker died is replayed on retry, not applied twice", async () => {
+    const user = await makeUser();
+    const key = newKey();
+    const body = { amount: 700 };
+    const claim = { scope: `user:${user.id}`, key, requestHash: await chargeHash(body), lockedUntil: LONG_AGO };
+    await seedKey({ scope: claim.scope, key, hash: claim.requestHash });
+    // The first attempt gets as far as its batch, then dies: nothing after the batch runs.
+    const committed = await chargeBalance(createDb(env.DB), systemClock, user.id, 700, claim);
+    const retry = await chargeWithKey(await tokenFor(user.id), key, body);
+    expect(retry.status).toBe(200);
+    expect(retry.text).toBe(committed);
+    expect(retry.headers.get("idempotent-replayed")).toBe("true");
+    expect(await ledgerCount(user.id)).toBe(1);
   });
 
   it("a crashed claim is not taken over by a request with another body", async () => {
