@@ -1,5 +1,6 @@
 import { systemClock, type Clock } from "../lib/clock";
 import { log } from "../lib/log";
+import { orderIdOf } from "../orders/outbox";
 
 // Messages that exhausted their retries land here: the export is marked FAILED (keeping the last
 // error the consumer recorded) so admins see it and can retry it. Nothing is dropped silently.
@@ -7,8 +8,8 @@ import { log } from "../lib/log";
 export async function recordDeadExports(batch: MessageBatch, db: D1Database, clock: Clock): Promise<void> {
   const now = clock.now().toISOString();
   for (const message of batch.messages) {
-    const orderId = (message.body as { orderId?: unknown } | null)?.orderId;
-    if (typeof orderId !== "number") {
+    const orderId = orderIdOf(message);
+    if (orderId === null) {
       log("error", "dead-lettered export without an order id", { messageId: message.id });
       message.ack();
       continue;

@@ -11,28 +11,52 @@ export interface OrderQueues {
 
 export const queuesOf = (env: Env): OrderQueues => ({ stats: env.STATS_QUEUE, export: env.EXPORT_QUEUE });
 
-interface OutboxRow {
+export interface OutboxRow {
   id: number;
   topic: "stats" | "export";
   payload: string;
 }
 
+// Cloudflare Queues take at most 100 messages and 256 KB per sendBatch; stay inside both.
+const MAX_BATCH_MESSAGES = 100;
+const MAX_BATCH_BYTES = 240_000;
+
+/** Splits rows into sendBatch-sized chunks, in order. */
+export function chunkForQueue(rows: OutboxRow[]): OutboxRow[][] {
+  const chunks: OutboxRow[][] = [];
+  let current: OutboxRow[] = [];
+  let bytes = 0;
+  for (const row of rows) {
+    const size = row.payload.length + 64;
+    if (current.length > 0 && (current.length === MAX_BATCH_MESSAGES || bytes + size > MAX_BATCH_BYTES)) {
+      chunks.push(current);
+      current = [];
+      bytes = 0;
+    }
+    current.push(row);
+    bytes += size;
+  }
+  if (current.length > 0) chunks.push(current);
+  return chunks;
+}
+
+/** Sends each chunk and marks it dispatched as soon as its queue took it; a failed chunk waits for the relay. */
 async function dispatch(db: D1Database, queues: OrderQueues, rows: OutboxRow[], nowIso: string): Promise<number> {
   let dispatched = 0;
   for (const topic of ["stats", "export"] as const) {
-    const batch = rows.filter((r) => r.topic === topic);
-    if (batch.length === 0) continue;
-    try {
-      await queues[topic].sendBatch(batch.map((r) => ({ body: JSON.parse(r.payload), contentType: "json" as const })));
-    } catch (error) {
-      log("warn", "outbox send failed; the relay will retry", { topic, rows: batch.length, error: String(error) });
-      continue;
+    for (const chunk of chunkForQueue(rows.filter((r) => r.topic === topic))) {
+      try {
+        await queues[topic].sendBatch(chunk.map((r) => ({ body: JSON.parse(r.payload), contentType: "json" as const })));
+      } catch (error) {
+        log("warn", "outbox send failed; the relay will retry", { topic, rows: chunk.length, error: String(error) });
+        continue;
+      }
+      await db
+        .prepare("UPDATE outbox SET dispatched_at = ? WHERE id IN (SELECT value FROM json_each(?))")
+        .bind(nowIso, JSON.stringify(chunk.map((r) => r.id)))
+        .run();
+      dispatched += chunk.length;
     }
-    await db
-      .prepare("UPDATE outbox SET dispatched_at = ? WHERE id IN (SELECT value FROM json_each(?))")
-      .bind(nowIso, JSON.stringify(batch.map((r) => r.id)))
-      .run();
-    dispatched += batch.length;
   }
   return dispatched;
 }
@@ -87,8 +111,8 @@ export async function relayOutbox(
  */
 export async function returnDeadStatsToOutbox(batch: MessageBatch, db: D1Database, now: Date): Promise<void> {
   for (const message of batch.messages) {
-    const orderId = (message.body as { orderId?: unknown } | null)?.orderId;
-    if (typeof orderId !== "number") {
+    const orderId = orderIdOf(message);
+    if (orderId === null) {
       log("error", "dead-lettered stats message without an order id", { messageId: message.id });
       message.ack();
       continue;
@@ -104,4 +128,10 @@ export async function returnDeadStatsToOutbox(batch: MessageBatch, db: D1Databas
       message.retry({ delaySeconds: 60 });
     }
   }
+}
+
+/** The order a queue message is about, or null for a body without a usable order id. */
+export function orderIdOf(message: Message): number | null {
+  const orderId = (message.body as { orderId?: unknown } | null)?.orderId;
+  return typeof orderId === "number" && Number.isSafeInteger(orderId) && orderId > 0 ? orderId : null;
 }

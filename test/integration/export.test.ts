@@ -5,7 +5,7 @@ import { recordDeadExports } from "../../src/export/dead-letter";
 import { deliverExports, type ExportDeps } from "../../src/export/consumer";
 import type { OrderExportEvent } from "../../src/export/event";
 import { fixedClock } from "../../src/lib/clock";
-import { dispatchOrderEvents, relayOutbox, type OrderQueues } from "../../src/orders/outbox";
+import { chunkForQueue, dispatchOrderEvents, queuesOf, relayOutbox, type OrderQueues } from "../../src/orders/outbox";
 import { handleScheduled } from "../../src/scheduled";
 import { adminToken, call, expectProblem } from "../helpers/api";
 import { all, one } from "../helpers/db";
@@ -235,6 +235,16 @@ describe("outbox relay", () => {
     expect(ids("export")).not.toContain(failed.orderId);
   });
 
+  it("drains a backlog larger than one sendBatch, with the real queues", async () => {
+    const backlog = await Promise.all(Array.from({ length: 130 }, () => seededOrder("2026-06-01T00:00:00.000Z")));
+    const ids = JSON.stringify(backlog.map((o) => o.orderId));
+    const undispatched = () =>
+      one<{ n: number }>("SELECT count(*) AS n FROM outbox WHERE dispatched_at IS NULL AND order_id IN (SELECT value FROM json_each(?))", ids);
+    expect((await undispatched()).n).toBe(260);
+    await relayOutbox(env.DB, queuesOf(env), new Date("2026-06-01T01:00:00.000Z"), 30, 1800);
+    expect((await undispatched()).n).toBe(0);
+  });
+
   it("runs from the cron trigger", async () => {
     const { exportId: _, ...event } = await seededOrder("2026-11-20T08:00:00.000Z");
     const controller = createScheduledController({ scheduledTime: new Date("2026-11-20T10:00:00.000Z"), cron: "* * * * *" });
@@ -242,5 +252,17 @@ describe("outbox relay", () => {
     const rows = await all<{ dispatched_at: string | null }>("SELECT dispatched_at FROM outbox WHERE order_id = ?", event.orderId);
     expect(rows).toHaveLength(2);
     expect(rows.every((r) => r.dispatched_at !== null)).toBe(true);
+  });
+});
+
+describe("chunkForQueue", () => {
+  const row = (id: number, bytes = 10) => ({ id, topic: "export" as const, payload: "x".repeat(bytes) });
+  it("keeps chunks within 100 messages and the byte budget, in order", () => {
+    const small = chunkForQueue(Array.from({ length: 250 }, (_, i) => row(i)));
+    expect(small.map((c) => c.length)).toEqual([100, 100, 50]);
+    expect(small.flat().map((r) => r.id)).toEqual(Array.from({ length: 250 }, (_, i) => i));
+    const large = chunkForQueue(Array.from({ length: 5 }, (_, i) => row(i, 100_000)));
+    expect(large.map((c) => c.length)).toEqual([2, 2, 1]);
+    expect(chunkForQueue([])).toEqual([]);
   });
 });
