@@ -1,7 +1,7 @@
 import { desc, eq } from "drizzle-orm";
 import { products } from "../db/schema";
 import { AppError } from "../lib/errors";
-import { afterCursor, decodeCursor, encodeCursor, toPage, type Page, type PageQuery } from "../lib/pagination";
+import { afterCursor, toPage, type Page, type PageQuery } from "../lib/pagination";
 import type { Clock } from "../lib/clock";
 import type { Db } from "../env";
 import { catalogVersion, invalidateCatalog, readThrough } from "./cache";
@@ -42,20 +42,22 @@ export async function listProducts(db: Db, page: PageQuery): Promise<Page<Produc
   const rows = await db
     .select()
     .from(products)
-    .where(afterCursor(products.createdAt, products.id, page.cursor))
+    .where(afterCursor(products.createdAt, products.id, page.cursor, "products"))
     .orderBy(desc(products.createdAt), desc(products.id))
     .limit(page.limit + 1);
-  return toPage(rows, page.limit, toProductDto);
+  return toPage(rows, page.limit, "products", toProductDto);
 }
 
-/** A product-list page as JSON text: from KV while the catalog version is unchanged, else from D1. */
+/**
+ * A product-list page as JSON text. First pages (the hot ones) come from KV while the catalog version is
+ * unchanged; later pages go to D1, so arbitrary cursors cannot fill KV with keys.
+ */
 export async function productListBody(db: Db, cache: KVNamespace, page: PageQuery): Promise<string> {
-  // Decoding first rejects a garbled cursor before any KV access; re-encoding gives one key per position.
-  const position = page.cursor === undefined ? "first" : encodeCursor(decodeCursor(page.cursor));
-  const version = await catalogVersion(cache);
   const load = () => listProducts(db, page);
+  if (page.cursor !== undefined) return JSON.stringify(await load());
+  const version = await catalogVersion(cache);
   if (version === null) return JSON.stringify(await load());
-  return readThrough(cache, `catalog:${version}:products:${page.limit}:${position}`, PRODUCT_LIST_TTL_SECONDS, load);
+  return readThrough(cache, `catalog:${version}:products:${page.limit}:first`, PRODUCT_LIST_TTL_SECONDS, load);
 }
 
 export async function createProduct(db: Db, cache: KVNamespace, clock: Clock, input: CreateProduct): Promise<ProductDto> {

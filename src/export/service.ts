@@ -46,7 +46,8 @@ export async function listExports(db: D1Database, status: ExportStatus | undefin
     conditions.push("status = ?");
     params.push(status);
   }
-  const after = afterCursorSql("created_at", "id", page.cursor);
+  const list = `exports:${status ?? "ALL"}`;
+  const after = afterCursorSql("created_at", "id", page.cursor, list);
   if (after) {
     conditions.push(after.sql);
     params.push(...after.params);
@@ -59,6 +60,7 @@ export async function listExports(db: D1Database, status: ExportStatus | undefin
   return toPage(
     results.map((r) => ({ ...r, createdAt: r.created_at })),
     page.limit,
+    list,
     toExportDto,
   );
 }

@@ -37,7 +37,8 @@ export async function getOrderJson(db: D1Database, caller: Caller, orderId: numb
 }
 
 export async function listOrders(db: D1Database, userId: number, page: PageQuery): Promise<Page<OrderDto>> {
-  const after = afterCursorSql("o.created_at", "o.id", page.cursor);
+  const list = `orders:${userId}`;
+  const after = afterCursorSql("o.created_at", "o.id", page.cursor, list);
   const { results } = await db
     .prepare(`${SELECT_ORDER} WHERE o.user_id = ? ${after ? `AND ${after.sql}` : ""} ORDER BY o.created_at DESC, o.id DESC LIMIT ?`)
     .bind(userId, ...(after?.params ?? []), page.limit + 1)
@@ -45,6 +46,7 @@ export async function listOrders(db: D1Database, userId: number, page: PageQuery
   return toPage(
     results.map((r) => ({ id: r.id, createdAt: r.created_at, body: r.body })),
     page.limit,
+    list,
     (r) => JSON.parse(r.body) as OrderDto,
   );
 }

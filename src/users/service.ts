@@ -31,10 +31,10 @@ export async function listUsers(db: Db, page: PageQuery): Promise<Page<UserDto>>
   const rows = await db
     .select()
     .from(users)
-    .where(afterCursor(users.createdAt, users.id, page.cursor))
+    .where(afterCursor(users.createdAt, users.id, page.cursor, "users"))
     .orderBy(desc(users.createdAt), desc(users.id))
     .limit(page.limit + 1);
-  return toPage(rows, page.limit, toUserDto);
+  return toPage(rows, page.limit, "users", toUserDto);
 }
 
 export async function getUserOrThrow(db: Db, userId: number): Promise<UserRow> {

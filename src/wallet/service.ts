@@ -107,10 +107,10 @@ export async function listTransactions(db: Db, userId: number, page: PageQuery):
     .where(
       and(
         eq(walletTransactions.userId, userId),
-        afterCursor(walletTransactions.createdAt, walletTransactions.id, page.cursor),
+        afterCursor(walletTransactions.createdAt, walletTransactions.id, page.cursor, `wallet:${userId}`),
       ),
     )
     .orderBy(desc(walletTransactions.createdAt), desc(walletTransactions.id))
     .limit(page.limit + 1);
-  return toPage(rows, page.limit, toTransactionDto);
+  return toPage(rows, page.limit, `wallet:${userId}`, toTransactionDto);
 }

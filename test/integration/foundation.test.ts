@@ -231,6 +231,18 @@ describe("admin users", () => {
     }
   });
 
+  it("refuses a cursor taken from another list", async () => {
+    const token = await adminToken();
+    await makeUser();
+    await makeUser();
+    const users = await call("GET", "/api/admin/users?limit=1", { token });
+    const cursor = users.body.nextCursor as string;
+    expect(cursor).toEqual(expect.any(String));
+    expect((await call("GET", `/api/admin/users?limit=1&cursor=${cursor}`, { token })).status).toBe(200);
+    expectProblem(await call("GET", `/api/products?cursor=${cursor}`), 400, "VALIDATION_FAILED");
+    expectProblem(await call("GET", `/api/admin/exports?cursor=${cursor}`, { token }), 400, "VALIDATION_FAILED");
+  });
+
   it("rejects an out-of-range limit", async () => {
     const res = await call("GET", "/api/admin/users?limit=101", { token: await adminToken() });
     expectProblem(res, 400, "VALIDATION_FAILED");
