@@ -32,8 +32,12 @@ export const walletTransactions = sqliteTable(
     balanceAfter: integer("balance_after").notNull(),
     orderId: integer("order_id").references(() => orders.id),
     createdAt: text("created_at").notNull(),
+    // For a charge made under an Idempotency-Key: the claim's effect reference, so that however many
+    // times the request runs (a retry taking over a slow or crashed first run), it is applied once.
+    requestRef: text("request_ref"),
   },
   (t) => [
+    uniqueIndex("wallet_transactions_request_ref_uq").on(t.requestRef),
     check("wallet_transactions_type", sql`${t.type} IN ('CHARGE', 'PAYMENT', 'REFUND')`),
     check(
       "wallet_transactions_amount_sign",

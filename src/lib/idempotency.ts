@@ -66,7 +66,7 @@ export async function idempotent<R extends Response>(
 
   const db = c.get("db");
   const now = c.get("clock").now();
-  const claim: Claim = {
+  const request = {
     scope: callerScope(caller),
     key,
     requestHash: await requestFingerprint(c.req.method, c.req.path, await c.req.text()),
@@ -75,18 +75,17 @@ export async function idempotent<R extends Response>(
 
   // A claim released by a failing owner between our two reads is simply claimed again.
   for (let attempt = 0; attempt < 3; attempt++) {
-    if (await tryClaim(db, claim, now)) return (await runClaimed(c, db, claim, handler)) as R;
-    const existing = await readKey(db, claim);
-    if (existing) return answerExisting(c, existing, claim) as R;
+    const claim = await tryClaim(db, request, now);
+    if (claim) return (await runClaimed(c, db, claim, handler)) as R;
+    const existing = await readKey(db, request);
+    if (existing) return answerExisting(c, existing, request) as R;
   }
   throw new AppError("IDEMPOTENCY_IN_PROGRESS", "A request with this idempotency key is still running");
 }
 
 /** SHA-256 (hex) of what makes two requests "the same": method, path and the raw body. */
 export async function requestFingerprint(method: string, path: string, body: string): Promise<string> {
-  const bytes = new TextEncoder().encode(`${method.toUpperCase()}\n${path}\n${body}`);
-  const digest = await crypto.subtle.digest("SHA-256", bytes);
-  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+  return sha256Hex(`${method.toUpperCase()}\n${path}\n${body}`);
 }
 
 /** Deletes keys past their 24 h life (the minute cron); returns how many went. */
@@ -117,7 +116,7 @@ export function completeClaimQuery(db: Db, claim: Claim, body: SQL) {
     .where(and(owned(claim), sql`(${body}) IS NOT NULL`));
 }
 
-export interface Claim {
+interface ClaimRequest {
   scope: string;
   key: string;
   requestHash: string;
@@ -125,13 +124,29 @@ export interface Claim {
   lockedUntil: string;
 }
 
+export interface Claim extends ClaimRequest {
+  /**
+   * Names the effect of this key's current life: the same for every run of the request (a retry taking
+   * over a crashed or slow first run keeps it), new once the key has expired and is used afresh. A
+   * handler stores it UNIQUE with its effect, so two runs racing past the lock still apply it once.
+   */
+  effectRef: string;
+}
+
+async function sha256Hex(text: string): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
+  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 /**
  * One atomic statement: insert the claim, or take over a row that is dead, i.e. expired (any
  * fingerprint: the key is free again) or IN_PROGRESS past its lock with the same fingerprint (a crash).
  */
-async function tryClaim(db: Db, claim: Claim, now: Date): Promise<boolean> {
+async function tryClaim(db: Db, claim: ClaimRequest, now: Date): Promise<Claim | null> {
   const at = now.toISOString();
   const expiresAt = new Date(now.getTime() + IDEMPOTENCY_TTL_MS).toISOString();
+  // An expired key starts a new life; a crashed claim's takeover continues the same one (same effect).
+  const newLife = sql`${idempotencyKeys.expiresAt} <= ${at}`;
   const claimed = await db
     .insert(idempotencyKeys)
     .values({ ...claim, state: "IN_PROGRESS", createdAt: at, expiresAt })
@@ -143,8 +158,8 @@ async function tryClaim(db: Db, claim: Claim, now: Date): Promise<boolean> {
         responseStatus: null,
         responseBody: null,
         lockedUntil: claim.lockedUntil,
-        createdAt: at,
-        expiresAt,
+        createdAt: sql`CASE WHEN ${newLife} THEN ${at} ELSE ${idempotencyKeys.createdAt} END`,
+        expiresAt: sql`CASE WHEN ${newLife} THEN ${expiresAt} ELSE ${idempotencyKeys.expiresAt} END`,
       },
       setWhere: or(
         lte(idempotencyKeys.expiresAt, at),
@@ -155,17 +170,24 @@ async function tryClaim(db: Db, claim: Claim, now: Date): Promise<boolean> {
         ),
       ),
     })
-    .returning({ key: idempotencyKeys.key });
-  return claimed.length === 1;
+    .returning({ createdAt: idempotencyKeys.createdAt });
+  const life = claimed[0]?.createdAt;
+  if (life === undefined) return null;
+  return { ...claim, effectRef: await effectRefOf(claim.scope, claim.key, life) };
 }
 
-async function readKey(db: Db, claim: Claim): Promise<KeyRow | undefined> {
+/** The effect reference of a key's life, the one that began at `createdAt`. */
+export function effectRefOf(scope: string, key: string, createdAt: string): Promise<string> {
+  return sha256Hex(`${scope}\n${key}\n${createdAt}`);
+}
+
+async function readKey(db: Db, claim: ClaimRequest): Promise<KeyRow | undefined> {
   return db.query.idempotencyKeys.findFirst({
     where: and(eq(idempotencyKeys.scope, claim.scope), eq(idempotencyKeys.key, claim.key)),
   });
 }
 
-function answerExisting(c: Context<AppEnv>, row: KeyRow, claim: Claim): Response {
+function answerExisting(c: Context<AppEnv>, row: KeyRow, claim: ClaimRequest): Response {
   if (row.requestHash !== claim.requestHash) {
     throw new AppError("IDEMPOTENCY_KEY_REUSED", "This idempotency key was already used with another request");
   }

@@ -66,7 +66,13 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
     throw new AppError("INSUFFICIENT_BALANCE", `The order costs ${paidAmount} won; the balance is ${balance}`);
   }
 
-  const orderKey = crypto.randomUUID();
+  // Under an Idempotency-Key the order key is the claim's effect: every run of the request (a retry that
+  // took over a crashed or slow first run) writes the same UNIQUE order key, so only one order exists.
+  const orderKey = deps.claim ? `idem:${deps.claim.effectRef}` : crypto.randomUUID();
+  if (deps.claim) {
+    const placed = await placedOrderJson(env.DB, orderKey);
+    if (placed !== null) return placed;
+  }
   const lines = items.map((i) => ({ productId: i.productId, quantity: i.quantity }));
   await reserveStock(env, orderKey, lines);
 
@@ -76,6 +82,11 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
   try {
     written = await writeOrder(env.DB, orderKey, order, utcDate(now), deps.claim);
   } catch (error) {
+    if (isConstraintViolation(error, "orders.order_key")) {
+      // Another run of this same request committed first. The reservation is that run's to commit.
+      const placed = await placedOrderJson(env.DB, orderKey);
+      if (placed !== null) return placed;
+    }
     await releaseStock(env, orderKey, lines);
     throw translateWriteError(error);
   }
@@ -203,6 +214,14 @@ async function writeOrder(
   const results = await db.batch<Record<string, unknown>>(statements);
   const row = results.at(-1)!.results[0] as { id: number; body: string };
   return { orderId: row.id, body: row.body };
+}
+
+async function placedOrderJson(db: D1Database, orderKey: string): Promise<string | null> {
+  const row = await db
+    .prepare(`SELECT ${orderJsonSql("o")} AS body FROM orders o WHERE o.order_key = ?`)
+    .bind(orderKey)
+    .first<{ body: string }>();
+  return row?.body ?? null;
 }
 
 function translateWriteError(error: unknown): unknown {

@@ -1,4 +1,5 @@
-import { and, desc, eq, sql } from "drizzle-orm";
+import { and, desc, eq, sql, type SQL } from "drizzle-orm";
+import { isConstraintViolation } from "../db/errors";
 import { BALANCE_LIMIT, users, walletTransactions } from "../db/schema";
 import { AppError } from "../lib/errors";
 import { afterCursor, toPage, type Page, type PageQuery } from "../lib/pagination";
@@ -53,26 +54,44 @@ export async function chargeBalance(
   const now = clock.now().toISOString();
   // Only right after the ledger INSERT, and only if it inserted (changes() = 1, so last_insert_rowid()
   // is that row and not an older one of this connection).
-  const responseSql = sql`SELECT json_object('userId', t.user_id, 'balance', t.balance_after, 'transaction',
-      json_object('id', t.id, 'type', t.type, 'amount', t.amount, 'balanceAfter', t.balance_after,
-        'orderId', t.order_id, 'createdAt', t.created_at))
-    FROM wallet_transactions t WHERE t.id = last_insert_rowid() AND changes() = 1`;
-  const [updated, recorded, response] = await db.batch([
-    db
-      .update(users)
-      .set({ balance: sql`${users.balance} + ${amount}`, updatedAt: now })
-      .where(and(eq(users.id, userId), sql`${users.balance} + ${amount} <= ${BALANCE_LIMIT}`))
-      .returning({ balance: users.balance }),
-    recordCharge(db, userId, amount, now),
-    db.all<{ body: string }>(sql`SELECT (${responseSql}) AS body`),
-    ...(claim ? [completeClaimQuery(db, claim, responseSql)] : []),
-  ]);
+  const responseSql = chargeResponseSql(sql`t.id = last_insert_rowid() AND changes() = 1`);
+  let batch;
+  try {
+    batch = await db.batch([
+      db
+        .update(users)
+        .set({ balance: sql`${users.balance} + ${amount}`, updatedAt: now })
+        .where(and(eq(users.id, userId), sql`${users.balance} + ${amount} <= ${BALANCE_LIMIT}`))
+        .returning({ balance: users.balance }),
+      recordCharge(db, userId, amount, now, claim?.effectRef ?? null),
+      db.all<{ body: string }>(sql`SELECT (${responseSql}) AS body`),
+      ...(claim ? [completeClaimQuery(db, claim, responseSql)] : []),
+    ]);
+  } catch (error) {
+    // Another run of this same idempotent request (one whose claim this run took over) committed first.
+    if (claim && isConstraintViolation(error, "wallet_transactions.request_ref")) {
+      const [done] = await db.all<{ body: string }>(
+        sql`SELECT (${chargeResponseSql(sql`t.request_ref = ${claim.effectRef}`)}) AS body`,
+      );
+      if (done?.body) return done.body;
+    }
+    throw error;
+  }
+  const [updated, recorded, response] = batch;
   if (!updated[0] || !recorded[0]) {
     // Users are never deleted, so this read only picks which refusal it was; it cannot race the update.
     await getUserOrThrow(db, userId);
     throw new AppError("BALANCE_LIMIT_EXCEEDED", `The balance may not pass ${BALANCE_LIMIT} won`);
   }
   return response[0]!.body;
+}
+
+/** The charge response, `{ userId, balance, transaction }`, rendered by SQLite from one ledger row. */
+function chargeResponseSql(where: SQL) {
+  return sql`SELECT json_object('userId', t.user_id, 'balance', t.balance_after, 'transaction',
+      json_object('id', t.id, 'type', t.type, 'amount', t.amount, 'balanceAfter', t.balance_after,
+        'orderId', t.order_id, 'createdAt', t.created_at))
+    FROM wallet_transactions t WHERE ${where}`;
 }
 
 /**
@@ -83,16 +102,16 @@ export async function chargeBalance(
  * sort as older, and the history's order (and "newest balanceAfter == balance") would disagree with
  * the order the changes were applied in.
  */
-function recordCharge(db: Db, userId: number, amount: number, now: string) {
+function recordCharge(db: Db, userId: number, amount: number, now: string, requestRef: string | null) {
   const ledger = walletTransactions;
   const newestForUser = sql`(SELECT MAX(${ledger.createdAt}) FROM ${ledger} WHERE ${ledger.userId} = ${users.id})`;
   // Drizzle's INSERT ... SELECT names every column in table order (id, user_id, type, amount,
-  // balance_after, order_id, created_at); NULL lets SQLite assign the id.
+  // balance_after, order_id, created_at, request_ref); NULL lets SQLite assign the id.
   return db
     .insert(ledger)
     .select(
       sql`SELECT NULL, ${users.id}, 'CHARGE', ${amount}, ${users.balance}, NULL,
-        MAX(${now}, COALESCE(${newestForUser}, ''))
+        MAX(${now}, COALESCE(${newestForUser}, '')), ${requestRef}
       FROM ${users} WHERE ${users.id} = ${userId} AND changes() = 1`,
     )
     .returning();

@@ -7,7 +7,7 @@ import { createDb } from "../../src/db/client";
 import { fixedClock, systemClock, DAY_MS } from "../../src/lib/clock";
 import { chargeBalance } from "../../src/wallet/service";
 import { AppError } from "../../src/lib/errors";
-import { idempotent, purgeExpiredIdempotencyKeys, requestFingerprint } from "../../src/lib/idempotency";
+import { effectRefOf, idempotent, purgeExpiredIdempotencyKeys, requestFingerprint } from "../../src/lib/idempotency";
 import { handleScheduled } from "../../src/scheduled";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { makeUser } from "../helpers/factories";
@@ -202,8 +202,9 @@ describe("concurrency and failure", () => {
     const user = await makeUser();
     const key = newKey();
     const body = { amount: 700 };
-    const claim = { scope: `user:${user.id}`, key, requestHash: await chargeHash(body), lockedUntil: LONG_AGO };
-    await seedKey({ scope: claim.scope, key, hash: claim.requestHash });
+    const scope = `user:${user.id}`;
+    const claim = { scope, key, requestHash: await chargeHash(body), lockedUntil: LONG_AGO, effectRef: await effectRefOf(scope, key, LONG_AGO) };
+    await seedKey({ scope, key, hash: claim.requestHash });
     // The first attempt gets as far as its batch, then dies: nothing after the batch runs.
     const committed = await chargeBalance(createDb(env.DB), systemClock, user.id, 700, claim);
     const retry = await chargeWithKey(await tokenFor(user.id), key, body);
@@ -211,6 +212,22 @@ describe("concurrency and failure", () => {
     expect(retry.text).toBe(committed);
     expect(retry.headers.get("idempotent-replayed")).toBe("true");
     expect(await ledgerCount(user.id)).toBe(1);
+  });
+
+  it("a slow first run that commits after a retry took over charges once", async () => {
+    const user = await makeUser();
+    const key = newKey();
+    const body = { amount: 800 };
+    const scope = `user:${user.id}`;
+    const claim = { scope, key, requestHash: await chargeHash(body), lockedUntil: LONG_AGO, effectRef: await effectRefOf(scope, key, LONG_AGO) };
+    await seedKey({ scope, key, hash: claim.requestHash });
+    const retry = await chargeWithKey(await tokenFor(user.id), key, body);
+    expect(retry.status).toBe(200);
+    const late = await chargeBalance(createDb(env.DB), systemClock, user.id, 800, claim);
+    expect(late).toBe(retry.text);
+    expect(await ledgerCount(user.id)).toBe(1);
+    const balance = await env.DB.prepare("SELECT balance FROM users WHERE id = ?").bind(user.id).first<{ balance: number }>();
+    expect(balance!.balance).toBe(800);
   });
 
   it("a crashed claim is not taken over by a request with another body", async () => {

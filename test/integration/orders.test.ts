@@ -1,7 +1,7 @@
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { systemClock } from "../../src/lib/clock";
-import { requestFingerprint } from "../../src/lib/idempotency";
+import { effectRefOf, requestFingerprint } from "../../src/lib/idempotency";
 import { placeOrder } from "../../src/orders/place-order";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
@@ -301,35 +301,58 @@ describe("POST /api/orders: Idempotency-Key", () => {
   });
 });
 
-describe("POST /api/orders: a crash between commit and response", () => {
-  it("a retry after the Worker died past its commit replays the order instead of placing it again", async () => {
-    const user = await buyer(50_000);
-    const product = await makeProduct({ price: 1_000, stock: 10 });
-    const body = JSON.stringify({ items: [{ productId: product.id, quantity: 1 }] });
+describe("POST /api/orders: runs of one idempotent request that overlap", () => {
+  /** A claim left IN_PROGRESS by a first run whose lock has run out (it crashed, or is still running). */
+  async function staleClaim(userId: number, body: string) {
     const key = crypto.randomUUID();
+    const scope = `user:${userId}`;
+    const createdAt = new Date(Date.now() - 120_000).toISOString();
     const claim = {
-      scope: `user:${user.id}`,
+      scope,
       key,
       requestHash: await requestFingerprint("POST", "/api/orders", body),
-      // The lock has already run out, as it has by the time a client retries after a crash.
-      lockedUntil: new Date(Date.now() - 1_000).toISOString(),
+      lockedUntil: new Date(Date.now() - 60_000).toISOString(),
+      effectRef: await effectRefOf(scope, key, createdAt),
     };
-    const now = new Date().toISOString();
     await env.DB.prepare(
       `INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at)
        VALUES (?, ?, ?, 'IN_PROGRESS', ?, ?, ?)`,
     )
-      .bind(claim.scope, key, claim.requestHash, claim.lockedUntil, now, new Date(Date.now() + 86_400_000).toISOString())
+      .bind(scope, key, claim.requestHash, claim.lockedUntil, createdAt, new Date(Date.now() + 86_400_000).toISOString())
       .run();
-    const noQueues = { stats: {} as Queue, export: {} as Queue };
-    // The first attempt gets as far as its commit, then the Worker dies: nothing after the batch runs.
+    return claim;
+  }
+  const noQueues = { stats: {} as Queue, export: {} as Queue };
+
+  it("a retry after the Worker died past its commit replays the order instead of placing it again", async () => {
+    const user = await buyer(50_000);
+    const product = await makeProduct({ price: 1_000, stock: 10 });
+    const body = JSON.stringify({ items: [{ productId: product.id, quantity: 1 }] });
+    const claim = await staleClaim(user.id, body);
+    // The first run gets as far as its commit, then the Worker dies: nothing after the batch runs.
     const committed = await placeOrder({ env, clock: systemClock, queues: noQueues, defer: () => {}, claim }, user.id, JSON.parse(body));
 
-    const retry = await call("POST", "/api/orders", { token: user.token, body, headers: { "Idempotency-Key": key } });
+    const retry = await call("POST", "/api/orders", { token: user.token, body, headers: { "Idempotency-Key": claim.key } });
     expect(retry.status).toBe(200);
     expect(retry.text).toBe(committed);
     expect(retry.headers.get("Idempotent-Replayed")).toBe("true");
     expect((await one<{ n: number }>("SELECT count(*) AS n FROM orders WHERE user_id = ?", user.id)).n).toBe(1);
+    expect(await walletInvariant(user.id)).toEqual({ balance: 49_000, ledger: 49_000, newest: 49_000 });
+  });
+
+  it("a slow first run that finishes after a retry took over does not place a second order", async () => {
+    const user = await buyer(50_000);
+    const product = await makeProduct({ price: 1_000, stock: 10 });
+    const body = JSON.stringify({ items: [{ productId: product.id, quantity: 1 }] });
+    const claim = await staleClaim(user.id, body);
+    // The retry takes the claim over (the lock ran out) and places the order...
+    const retry = await call("POST", "/api/orders", { token: user.token, body, headers: { "Idempotency-Key": claim.key } });
+    expect(retry.status).toBe(200);
+    // ...then the slow first run reaches its own write, with its own (older) claim.
+    const late = await placeOrder({ env, clock: systemClock, queues: noQueues, defer: () => {}, claim }, user.id, JSON.parse(body));
+    expect(late).toBe(retry.text);
+    expect((await one<{ n: number }>("SELECT count(*) AS n FROM orders WHERE user_id = ?", user.id)).n).toBe(1);
+    expect((await one<{ stock: number }>("SELECT stock FROM products WHERE id = ?", product.id)).stock).toBe(9);
     expect(await walletInvariant(user.id)).toEqual({ balance: 49_000, ledger: 49_000, newest: 49_000 });
   });
 });
