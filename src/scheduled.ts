@@ -1,5 +1,6 @@
 import { purgeExpiredIdempotencyKeys } from "./lib/idempotency";
 import { log } from "./lib/log";
+import { positiveIntegerSetting } from "./lib/settings";
 import { queuesOf, relayOutbox } from "./orders/outbox";
 
 const relayUnsentOrderEvents = (controller: ScheduledController, env: Env) =>
@@ -7,8 +8,8 @@ const relayUnsentOrderEvents = (controller: ScheduledController, env: Env) =>
     env.DB,
     queuesOf(env),
     new Date(controller.scheduledTime),
-    Number(env.OUTBOX_RELAY_AFTER_SECONDS),
-    Number(env.OUTBOX_REDELIVER_AFTER_SECONDS),
+    positiveIntegerSetting("OUTBOX_RELAY_AFTER_SECONDS", env.OUTBOX_RELAY_AFTER_SECONDS, 30),
+    positiveIntegerSetting("OUTBOX_REDELIVER_AFTER_SECONDS", env.OUTBOX_REDELIVER_AFTER_SECONDS, 1800),
   );
 
 const purgeIdempotencyKeys = (controller: ScheduledController, env: Env) =>

@@ -1,6 +1,6 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import { authenticate, requireAdmin } from "../lib/auth";
-import { bearer, createRouter, Id, jsonBody, jsonResponse, problems, Timestamp } from "../lib/openapi";
+import { bearer, createRouter, Id, jsonBody, jsonResponse, Name, problems, Timestamp } from "../lib/openapi";
 import { pageQuery, pageSchema } from "../lib/pagination";
 import { createUser, listUsers } from "../users/service";
 import { CreateProductBody, ProductSchema, UpdateProductBody } from "../catalog/schemas";
@@ -12,7 +12,7 @@ const UserSchema = z
   .object({ id: z.number().int(), name: z.string(), balance: z.number().int(), createdAt: Timestamp })
   .openapi("User");
 
-const CreateUserBody = z.strictObject({ name: z.string().trim().min(1).max(100) }).openapi("CreateUser");
+const CreateUserBody = z.strictObject({ name: Name(100) }).openapi("CreateUser");
 
 const adminRoute = { tags: ["Admin"], security: bearer };
 

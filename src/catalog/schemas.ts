@@ -1,5 +1,5 @@
 import { z } from "@hono/zod-openapi";
-import { Timestamp } from "../lib/openapi";
+import { Name, Timestamp } from "../lib/openapi";
 
 export const MAX_PRICE = 10_000_000;
 export const MAX_STOCK = 1_000_000;
@@ -15,7 +15,7 @@ export const ProductSchema = z
   })
   .openapi("Product");
 
-const name = z.string().trim().min(1).max(200);
+const name = Name(200);
 const price = z.number().int().min(0).max(MAX_PRICE).openapi({ description: "Integer won, 0..10,000,000" });
 
 export const CreateProductBody = z

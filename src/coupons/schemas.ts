@@ -1,20 +1,31 @@
 import { z } from "@hono/zod-openapi";
 import { BALANCE_LIMIT } from "../db/schema";
-import { Id, Timestamp } from "../lib/openapi";
+import { Id, Name, PositiveId, Timestamp } from "../lib/openapi";
 
 export const MAX_COUPON_QUANTITY = 1_000_000;
 export const MAX_MIN_ORDER_AMOUNT = 100_000_000;
 export const MAX_VALID_DAYS = 3650;
 
 const DiscountType = z.enum(["FIXED", "PERCENT"]);
-const UserId = z.number().int().positive().max(Number.MAX_SAFE_INTEGER).openapi({ example: 1 });
+const EARLIEST_INSTANT = Date.UTC(1970, 0, 1);
+const LATEST_INSTANT = Date.UTC(9999, 11, 31, 23, 59, 59, 999);
+
+/** Any ISO 8601 offset, normalised to the contract's UTC form; the range keeps that form's 4-digit year. */
 const Instant = z.iso
   .datetime({ offset: true })
-  .openapi({ example: "2026-11-23T00:00:00.000Z", description: "ISO 8601; stored as UTC" });
+  .refine((instant) => {
+    const ms = Date.parse(instant);
+    return ms >= EARLIEST_INSTANT && ms <= LATEST_INSTANT;
+  }, "Must be from 1970-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z")
+  .transform((instant) => new Date(instant).toISOString())
+  .openapi({
+    example: "2026-11-23T00:00:00.000Z",
+    description: "ISO 8601 with an offset, years 1970..9999; stored and returned as UTC",
+  });
 
 export const CreateCouponBody = z
   .strictObject({
-    name: z.string().trim().min(1).max(100),
+    name: Name(100),
     discountType: DiscountType,
     discountValue: z
       .number()
@@ -80,7 +91,7 @@ export const CouponParams = z.object({ couponId: Id });
 
 export const IssueBody = z
   .strictObject({
-    userId: UserId.optional().openapi({ description: "Defaults to the caller; required for an admin" }),
+    userId: PositiveId.optional().openapi({ description: "Defaults to the caller; required for an admin" }),
   })
   .openapi("IssueCouponRequest");
 

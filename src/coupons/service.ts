@@ -23,8 +23,6 @@ const toCoupon = (c: CouponRow): Coupon => ({
   createdAt: c.createdAt,
 });
 
-const utc = (instant: string | undefined) => (instant === undefined ? null : new Date(instant).toISOString());
-
 export async function createCoupon(db: Db, clock: Clock, input: CreateCoupon): Promise<Coupon> {
   const [row] = await db
     .insert(coupons)
@@ -35,8 +33,8 @@ export async function createCoupon(db: Db, clock: Clock, input: CreateCoupon): P
       minOrderAmount: input.minOrderAmount,
       totalQuantity: input.totalQuantity,
       issuedCount: 0,
-      issueStartsAt: utc(input.issueStartsAt),
-      issueEndsAt: utc(input.issueEndsAt),
+      issueStartsAt: input.issueStartsAt ?? null,
+      issueEndsAt: input.issueEndsAt ?? null,
       validDays: input.validDays,
       createdAt: clock.now().toISOString(),
     })

@@ -1,4 +1,5 @@
 import { describeError, log } from "../lib/log";
+import { exponentialBackoff } from "../lib/backoff";
 import { systemClock, type Clock } from "../lib/clock";
 import { OrderExportEvent } from "./event";
 
@@ -17,9 +18,7 @@ export interface ExportDeps {
 }
 
 /** 10 s, 20 s, 40 s ... capped at 10 minutes. */
-export function backoffSeconds(attempts: number): number {
-  return Math.min(600, 10 * 2 ** Math.max(0, attempts - 1));
-}
+export const backoffSeconds = (attempts: number) => exponentialBackoff(attempts, 10, 600);
 
 export async function deliverExports(batch: MessageBatch, deps: ExportDeps): Promise<void> {
   for (const message of batch.messages) {

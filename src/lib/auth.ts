@@ -13,7 +13,8 @@ export interface Caller {
   userId: number | null;
 }
 
-const USER_ID = /^[1-9][0-9]{0,15}$/;
+/** A user id as `sub`: decimal, and exact as a JS number (past 2^53 it would round to another user's id). */
+const isUserId = (sub: string) => /^[1-9][0-9]{0,15}$/.test(sub) && Number.isSafeInteger(Number(sub));
 
 export async function signToken(
   secret: string,
@@ -38,7 +39,7 @@ export async function verifyToken(secret: string, token: string): Promise<Caller
     throw new AppError("UNAUTHENTICATED", "The token has no valid subject");
   }
   if (role === "admin") return { sub, role, userId: null };
-  if (role === "user" && USER_ID.test(sub)) return { sub, role, userId: Number(sub) };
+  if (role === "user" && isUserId(sub)) return { sub, role, userId: Number(sub) };
   throw new AppError("UNAUTHENTICATED", "The token has no valid role or subject");
 }
 

@@ -9,7 +9,6 @@ export const ERRORS = {
   UNAUTHENTICATED: { status: 401, title: "Authentication is required" },
   FORBIDDEN: { status: 403, title: "This action is not allowed for the caller" },
   NOT_FOUND: { status: 404, title: "No such resource" },
-  METHOD_NOT_ALLOWED: { status: 405, title: "Method not allowed" },
   USER_NOT_FOUND: { status: 404, title: "User not found" },
   PRODUCT_NOT_FOUND: { status: 404, title: "Product not found" },
   COUPON_NOT_FOUND: { status: 404, title: "Coupon not found" },

@@ -5,7 +5,12 @@ import type { Context, TypedResponse } from "hono";
 import type { AppEnv } from "../env";
 
 // Every validation failure, from any route, becomes the same 400 VALIDATION_FAILED problem.
-const validationHook: Hook<unknown, AppEnv, string, unknown> = (result) => {
+const validationHook: Hook<unknown, AppEnv, string, unknown> = (result, c) => {
+  // Every body here is a required JSON body. Without a Content-Type, Hono's validator would check `{}`
+  // instead, so a body whose fields are all optional (a coupon issue) would pass with no body at all.
+  if (result.target === "json" && !c.req.header("Content-Type")) {
+    throw new AppError("UNSUPPORTED_MEDIA_TYPE", "Send the body as application/json");
+  }
   if (!result.success) {
     const errors = result.error.issues.map((issue) => ({
       path: issue.path.map(String).join(".") || "(body)",
@@ -31,12 +36,36 @@ export const ProblemSchema = z
   })
   .openapi("Problem");
 
-export const Id = z.coerce
-  .number()
-  .int()
-  .positive()
-  .max(Number.MAX_SAFE_INTEGER)
-  .openapi({ type: "integer", example: 1 });
+/**
+ * An integer in a path or query string: decimal digits only. (`z.coerce` would also take "1e3", "0x10"
+ * or " 1", so one resource would answer to many spellings.)
+ */
+export function decimalInteger(min: number, max: number) {
+  return z
+    .string()
+    .regex(/^[0-9]+$/, "Decimal digits only")
+    .transform(Number)
+    .pipe(z.number().min(min).max(max))
+    .openapi({ type: "integer", minimum: min, maximum: max });
+}
+
+export const Id = decimalInteger(1, Number.MAX_SAFE_INTEGER).openapi({ example: 1 });
+
+/** An id in a JSON body: a JSON number, never a string. */
+export const PositiveId = z.number().int().min(1).max(Number.MAX_SAFE_INTEGER).openapi({ example: 1 });
+
+/**
+ * A display name (user, product, coupon): no control characters anywhere (checked before trimming, so a
+ * trailing newline is refused rather than silently cut), then trimmed to 1..maxLength characters.
+ */
+export function Name(maxLength: number) {
+  return z
+    .string()
+    .regex(/^[^\u0000-\u001F\u007F]*$/, "Must not contain control characters")
+    .trim()
+    .min(1)
+    .max(maxLength);
+}
 
 export const Timestamp = z.string().openapi({ example: "2026-11-23T08:15:30.123Z", format: "date-time" });
 

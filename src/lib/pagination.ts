@@ -2,6 +2,7 @@ import { z } from "@hono/zod-openapi";
 import { and, eq, lt, or, type SQL } from "drizzle-orm";
 import type { SQLiteColumn } from "drizzle-orm/sqlite-core";
 import { AppError } from "./errors";
+import { decimalInteger } from "./openapi";
 
 // Keyset pagination over (created_at DESC, id DESC). The cursor is the last row's key plus the name of
 // the list it belongs to (which user's, which filter), opaque to clients (base64url JSON); a cursor from
@@ -35,7 +36,7 @@ export function decodeCursor(cursor: string, list: string): CursorKey {
 }
 
 export const pageQuery = z.object({
-  limit: z.coerce.number().int().min(1).max(100).default(20).openapi({ example: 20 }),
+  limit: decimalInteger(1, 100).default(20).openapi({ example: 20, default: 20 }),
   cursor: z.string().max(512).optional().openapi({ description: "Opaque cursor from a previous page's nextCursor" }),
 });
 

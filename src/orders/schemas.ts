@@ -1,10 +1,8 @@
 import { z } from "@hono/zod-openapi";
-import { Timestamp } from "../lib/openapi";
+import { PositiveId as positiveId, Timestamp } from "../lib/openapi";
 
 export const MAX_ORDER_LINES = 50;
 export const MAX_LINE_QUANTITY = 100;
-
-const positiveId = z.number().int().positive().max(Number.MAX_SAFE_INTEGER);
 
 export const PlaceOrderBody = z
   .strictObject({

@@ -1,15 +1,12 @@
 import { isConstraintViolation } from "../db/errors";
+import { exponentialBackoff } from "../lib/backoff";
 import { systemClock, type Clock } from "../lib/clock";
 import { describeError, log } from "../lib/log";
 import { OrderCompletedEventSchema } from "./event";
 import { countOrderSales } from "./sales";
 
-const MAX_RETRY_DELAY_SECONDS = 300;
-
-/** Exponential backoff from 5 s, capped at 5 minutes; `attempts` is 1 on the first delivery. */
-export function retryDelaySeconds(attempts: number): number {
-  return Math.min(5 * 2 ** Math.max(attempts - 1, 0), MAX_RETRY_DELAY_SECONDS);
-}
+/** 5 s, 10 s, 20 s ... capped at 5 minutes. */
+export const retryDelaySeconds = (attempts: number) => exponentialBackoff(attempts, 5, 300);
 
 export async function consumeStats(batch: MessageBatch, env: Env, _ctx: ExecutionContext): Promise<void> {
   await countBatch(batch, env.DB, systemClock);

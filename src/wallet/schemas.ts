@@ -1,15 +1,13 @@
 import { z } from "@hono/zod-openapi";
 import { BALANCE_LIMIT } from "../db/schema";
-import { Id, Timestamp } from "../lib/openapi";
+import { Id, PositiveId, Timestamp } from "../lib/openapi";
 import { pageQuery } from "../lib/pagination";
 
 export const MAX_CHARGE = 1_000_000;
 
-const UserId = z.number().int().positive().max(Number.MAX_SAFE_INTEGER).openapi({ example: 1 });
-
 export const ChargeBody = z
   .strictObject({
-    userId: UserId.optional().openapi({ description: "Defaults to the caller; required for an admin" }),
+    userId: PositiveId.optional().openapi({ description: "Defaults to the caller; required for an admin" }),
     amount: z
       .number()
       .int()

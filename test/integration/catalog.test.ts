@@ -117,6 +117,9 @@ describe("GET /api/products", () => {
   it("rejects a bad limit or a garbled cursor with 400", async () => {
     expectProblem(await call("GET", "/api/products?limit=0"), 400, "VALIDATION_FAILED");
     expectProblem(await call("GET", "/api/products?limit=101"), 400, "VALIDATION_FAILED");
+    for (const limit of ["0x10", "1e1", "%201", "1%20", "+5", "5.0", "", "abc"]) {
+      expectProblem(await call("GET", `/api/products?limit=${limit}`), 400, "VALIDATION_FAILED");
+    }
     expectProblem(await call("GET", "/api/products?cursor=!!!"), 400, "VALIDATION_FAILED");
     expectProblem(await call("GET", "/api/products?cursor=bm90LWpzb24"), 400, "VALIDATION_FAILED");
   });
@@ -152,8 +155,8 @@ describe("GET /api/products/{productId}", () => {
     expectProblem(await call("GET", "/api/products/999999999"), 404, "PRODUCT_NOT_FOUND");
   });
 
-  it("400 VALIDATION_FAILED for a non-numeric, zero, negative or fractional id", async () => {
-    for (const id of ["abc", "0", "-1", "1.5", "1e3x", "99999999999999999999"]) {
+  it("400 VALIDATION_FAILED for an id that is not plain decimal digits, or is zero or too large", async () => {
+    for (const id of ["abc", "0", "-1", "1.5", "1e3x", "99999999999999999999", "1e3", "0x10", "0b1", "%201", "1%20", "+1", "Infinity"]) {
       expectProblem(await call("GET", `/api/products/${id}`), 400, "VALIDATION_FAILED");
     }
   });
@@ -173,5 +176,13 @@ describe("OpenAPI", () => {
       expect(doc.paths[path].get.security, path).toBeUndefined();
       expect(doc.paths[path].get.tags, path).toEqual(["Catalog"]);
     }
+  });
+
+  it("documents the product id and the limit as integers with their bounds", async () => {
+    const doc = (await call("GET", "/openapi.json")).body;
+    const [productId] = doc.paths["/api/products/{productId}"].get.parameters;
+    expect(productId.schema).toMatchObject({ type: "integer", minimum: 1 });
+    const limit = doc.paths["/api/products"].get.parameters.find((p: { name: string }) => p.name === "limit");
+    expect(limit.schema).toMatchObject({ type: "integer", minimum: 1, maximum: 100, default: 20 });
   });
 });

@@ -82,6 +82,9 @@ describe("admin coupons", () => {
       [{ ...valid, minOrderAmount: -1 }, "minOrderAmount"],
       [{ ...valid, validDays: 0 }, "validDays"],
       [{ ...valid, name: "  " }, "name"],
+      [{ ...valid, name: "Spring\u0000sale" }, "name"],
+      [{ ...valid, name: "Spring sale\n" }, "name"],
+      [{ ...valid, name: "Spring\u007Fsale" }, "name"],
       [{ ...valid, issueStartsAt: "yesterday" }, "issueStartsAt"],
       [{ ...valid, issueStartsAt: "2026-01-02T00:00:00Z", issueEndsAt: "2026-01-01T00:00:00Z" }, "issueEndsAt"],
       [{ ...valid, issueStartsAt: "2026-01-01T00:00:00Z", issueEndsAt: "2026-01-01T00:00:00Z" }, "issueEndsAt"],
@@ -92,6 +95,31 @@ describe("admin coupons", () => {
       expectProblem(res, 400, "VALIDATION_FAILED");
       expect(res.body.errors.map((e: { path: string }) => e.path), JSON.stringify(body)).toContain(path);
     }
+  });
+
+  it("takes issue windows only in years 1970..9999 and returns them as UTC with milliseconds", async () => {
+    const token = await adminToken();
+    const valid = { name: "x", discountType: "FIXED", discountValue: 1000, totalQuantity: 1, validDays: 1 };
+    for (const instant of [
+      "0000-01-01T00:00:00Z",
+      "0000-01-01T00:00:00+01:00",
+      "-000001-12-31T23:00:00Z",
+      "1969-12-31T23:59:59.999Z",
+      "9999-12-31T23:00:00-05:00",
+      "+010000-01-01T00:00:00Z",
+    ]) {
+      for (const field of ["issueStartsAt", "issueEndsAt"]) {
+        const res = await call("POST", "/api/admin/coupons", { token, body: { ...valid, [field]: instant } });
+        expectProblem(res, 400, "VALIDATION_FAILED");
+        expect(res.body.errors.map((e: { path: string }) => e.path), instant).toContain(field);
+      }
+    }
+    const res = await call("POST", "/api/admin/coupons", {
+      token,
+      body: { ...valid, issueStartsAt: "1970-01-01T09:00:00+09:00", issueEndsAt: "9999-12-31T23:59:59.999Z" },
+    });
+    expect(res.status).toBe(201);
+    expect(res.body).toMatchObject({ issueStartsAt: "1970-01-01T00:00:00.000Z", issueEndsAt: "9999-12-31T23:59:59.999Z" });
   });
 
   it("404 for an unknown coupon, 400 for a non-numeric id", async () => {
@@ -191,6 +219,14 @@ describe("issuing a coupon", () => {
     expectProblem(await call("POST", "/api/coupons/abc/issue", { token: await tokenFor(user.id), body: {} }), 400, "VALIDATION_FAILED");
     expectProblem(await issue(coupon.id, user.id, { userId: "1" }), 400, "VALIDATION_FAILED");
     expectProblem(await issue(coupon.id, user.id, { extra: true }), 400, "VALIDATION_FAILED");
+  });
+
+  it("415 for a request with no body and no Content-Type, as for any JSON body; nothing is issued", async () => {
+    const [user, coupon] = await Promise.all([makeUser(), makeCoupon()]);
+    const res = await call("POST", `/api/coupons/${coupon.id}/issue`, { token: await tokenFor(user.id) });
+    expectProblem(res, 415, "UNSUPPORTED_MEDIA_TYPE");
+    const row = await env.DB.prepare("SELECT count(*) AS n FROM user_coupons WHERE coupon_id = ?").bind(coupon.id).first();
+    expect(row).toEqual({ n: 0 });
   });
 
   it("401 without a token", async () => {

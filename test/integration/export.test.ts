@@ -253,6 +253,16 @@ describe("outbox relay", () => {
     expect(rows).toHaveLength(2);
     expect(rows.every((r) => r.dispatched_at !== null)).toBe(true);
   });
+
+  it("runs from the cron trigger with the default delays when the relay settings are missing or invalid", async () => {
+    const { exportId: _, ...event } = await seededOrder("2026-11-20T08:00:00.000Z");
+    const controller = createScheduledController({ scheduledTime: new Date("2026-11-20T10:00:00.000Z"), cron: "* * * * *" });
+    const misconfigured = { ...env, OUTBOX_RELAY_AFTER_SECONDS: "soon", OUTBOX_REDELIVER_AFTER_SECONDS: undefined } as unknown as Env;
+    await handleScheduled(controller, misconfigured, createExecutionContext());
+    const rows = await all<{ dispatched_at: string | null }>("SELECT dispatched_at FROM outbox WHERE order_id = ?", event.orderId);
+    expect(rows).toHaveLength(2);
+    expect(rows.every((r) => r.dispatched_at !== null)).toBe(true);
+  });
 });
 
 describe("chunkForQueue", () => {

@@ -84,6 +84,12 @@ describe("request id", () => {
 });
 
 describe("problem+json", () => {
+  it("documents only codes the API gives: a wrong method is 404 NOT_FOUND, never 405", async () => {
+    const doc = (await call("GET", "/openapi.json")).body;
+    expect(doc.components.schemas.Problem.properties.code.enum).not.toContain("METHOD_NOT_ALLOWED");
+    expectProblem(await call("DELETE", "/api/products"), 404, "NOT_FOUND");
+  });
+
   it("an unknown route is a 404 problem", async () => {
     const res = await call("GET", "/api/does-not-exist");
     expectProblem(res, 404, "NOT_FOUND");
@@ -132,6 +138,14 @@ describe("authentication", () => {
     expectProblem(await call("GET", path, { token: badRole }), 401, "UNAUTHENTICATED");
   });
 
+  it("401 for a user subject that is not a safe integer (it would name another user)", async () => {
+    for (const sub of ["9007199254740993", "9999999999999999", "01", "1.0"]) {
+      expectProblem(await call("GET", "/api/users/coupons", { token: await tokenFor(sub) }), 401, "UNAUTHENTICATED");
+    }
+    const largest = await call("GET", "/api/users/coupons", { token: await tokenFor(String(Number.MAX_SAFE_INTEGER)) });
+    expect(largest.status).toBe(200);
+  });
+
   it("403 for a user on an admin route", async () => {
     expectProblem(await call("GET", path, { token: await tokenFor(1) }), 403, "FORBIDDEN");
   });
@@ -149,6 +163,11 @@ describe("request bodies", () => {
       body: "name=x",
       headers: { "Content-Type": "application/x-www-form-urlencoded" },
     });
+    expectProblem(res, 415, "UNSUPPORTED_MEDIA_TYPE");
+  });
+
+  it("a request with no body and no Content-Type is 415, not read as an empty object", async () => {
+    const res = await call("POST", "/api/admin/users", { token: await adminToken() });
     expectProblem(res, 415, "UNSUPPORTED_MEDIA_TYPE");
   });
 
@@ -196,6 +215,18 @@ describe("request bodies", () => {
 });
 
 describe("admin users", () => {
+  it("rejects a name with control characters", async () => {
+    const token = await adminToken();
+    for (const name of ["a\u0000b", "line\nbreak", "tab\tname", "trailing\r\n", "del\u007F"]) {
+      const res = await call("POST", "/api/admin/users", { token, body: { name } });
+      expectProblem(res, 400, "VALIDATION_FAILED");
+      expect(res.body.errors.map((e: { path: string }) => e.path)).toContain("name");
+    }
+    expect((await call("POST", "/api/admin/users", { token, body: { name: "  Kim Min-jun é 김민준  " } })).body.name).toBe(
+      "Kim Min-jun é 김민준",
+    );
+  });
+
   it("creates a user with balance 0", async () => {
     const res = await call("POST", "/api/admin/users", { token: await adminToken(), body: { name: "Kim" } });
     expect(res.status).toBe(201);
@@ -282,6 +313,15 @@ describe("admin products", () => {
     expectProblem(await call("PATCH", "/api/admin/products/999999", { token, body: { price: 1 } }), 404, "PRODUCT_NOT_FOUND");
     expectProblem(await call("PATCH", "/api/admin/products/abc", { token, body: { price: 1 } }), 400, "VALIDATION_FAILED");
     expectProblem(await call("PATCH", "/api/admin/products/1", { token, body: {} }), 400, "VALIDATION_FAILED");
+  });
+
+  it("rejects a product name with control characters, on create and on rename", async () => {
+    const token = await adminToken();
+    const created = await call("POST", "/api/admin/products", { token, body: { name: "Mug", price: 1, stock: 1 } });
+    for (const name of ["Mug\u0000", "Big\nmug", "Mug\u001F", "Mug\u007F"]) {
+      expectProblem(await call("POST", "/api/admin/products", { token, body: { name, price: 1, stock: 1 } }), 400, "VALIDATION_FAILED");
+      expectProblem(await call("PATCH", `/api/admin/products/${created.body.id}`, { token, body: { name } }), 400, "VALIDATION_FAILED");
+    }
   });
 
   it("users cannot create products", async () => {

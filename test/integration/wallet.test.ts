@@ -129,6 +129,12 @@ describe("POST /api/balance/charge", () => {
     expect(await walletInDb(user.id)).toMatchObject({ balance: 0, count: 0 });
   });
 
+  it("415 for a request with no body and no Content-Type", async () => {
+    const user = await makeUser();
+    expectProblem(await call("POST", "/api/balance/charge", { token: await tokenFor(user.id) }), 415, "UNSUPPORTED_MEDIA_TYPE");
+    expect(await walletInDb(user.id)).toMatchObject({ balance: 0, count: 0 });
+  });
+
   it("400 BALANCE_LIMIT_EXCEEDED past 10,000,000; exactly the limit is fine; a refusal writes nothing", async () => {
     const user = await makeUser();
     for (let i = 0; i < 9; i++) await chargeUser(user.id, 1_000_000);
@@ -335,5 +341,16 @@ describe("OpenAPI", () => {
       expect.arrayContaining([expect.objectContaining({ in: "header", name: "idempotency-key", required: false })]),
     );
     expect(Object.keys(charge.responses)).toEqual(expect.arrayContaining(["200", "400", "401", "403", "404", "409", "422"]));
+  });
+
+  it("documents ids as integers from 1, in the path and in the body", async () => {
+    const doc = (await call("GET", "/openapi.json")).body;
+    const [userIdParam] = doc.paths["/api/balance/{userId}"].get.parameters;
+    expect(userIdParam.schema).toMatchObject({ type: "integer", minimum: 1, maximum: Number.MAX_SAFE_INTEGER });
+    expect(doc.components.schemas.ChargeRequest.properties.userId).toMatchObject({
+      type: "integer",
+      minimum: 1,
+      maximum: Number.MAX_SAFE_INTEGER,
+    });
   });
 });
