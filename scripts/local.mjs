@@ -68,10 +68,10 @@ export async function waitForHealth(baseUrl, timeoutMs = 120_000) {
   throw new Error(`${baseUrl} did not become healthy within ${timeoutMs} ms`);
 }
 
-/** Fires the Worker's scheduled handler every `everyMs` through wrangler's --test-scheduled endpoint. */
+/** Fires the Worker's scheduled handler every `everyMs` through Miniflare's trigger endpoint (bundled or not). */
 export function driveCron(baseUrl, everyMs = 60_000) {
   return setInterval(() => {
-    fetch(`${baseUrl}/__scheduled?cron=*+*+*+*+*`).catch(() => {
+    fetch(`${baseUrl}/cdn-cgi/local/scheduled?cron=*+*+*+*+*`).catch(() => {
       // the server may be starting or restarting; the next tick tries again
     });
   }, everyMs);

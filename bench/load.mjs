@@ -1,0 +1,121 @@
+// Drives one scenario's load with autocannon's programmatic API. Every request is built by the scenario's
+// `nextJob()` (so each can carry a different user's token and body) and every answer is classified by
+// status and problem `code`, so the contract's expected refusals are told apart from errors.
+import autocannon from "autocannon";
+
+const REQUEST_TIMEOUT_S = 30;
+
+function outcomeOf(status, body) {
+  if (status < 300) return String(status);
+  try {
+    return `${status} ${JSON.parse(body).code ?? "?"}`;
+  } catch {
+    return `${status} (not problem+json)`;
+  }
+}
+
+function percentile(sorted, p) {
+  if (sorted.length === 0) return 0;
+  const rank = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
+  return sorted[rank];
+}
+
+const round = (n, digits = 1) => Math.round(n * 10 ** digits) / 10 ** digits;
+
+/**
+ * Runs `amount` requests (every one answered before it returns) or, without `amount`, for `duration` seconds.
+ * `nextJob()` returns `{ method, path, token?, body?, kind?, onAnswer?(status, parsedBody) }`; `kind` splits the
+ * latency by answer for blends.
+ * `expected` lists the outcomes that are part of the contract ("200", "400 COUPON_SOLD_OUT"); anything else,
+ * 5xx and socket errors count as errors.
+ */
+export async function runLoad({ baseUrl, concurrency, amount, duration, nextJob, expected }) {
+  const latencies = [];
+  const latenciesByOutcome = {};
+  // autocannon calls a request's onResponse and then, synchronously for the same answer, emits "response"
+  // with its latency: the outcome is handed from one to the other through this variable.
+  let lastOutcome = "?";
+  const outcomes = {};
+  const statusCounts = {};
+  const socketErrors = {};
+
+  const request = {
+    setupRequest(req, context) {
+      const job = nextJob();
+      context.job = job;
+      const headers = { accept: "application/json" };
+      if (job.token) headers.authorization = `Bearer ${job.token}`;
+      if (job.body !== undefined) headers["content-type"] = "application/json";
+      return {
+        ...req,
+        method: job.method ?? "GET",
+        path: job.path,
+        headers,
+        body: job.body === undefined ? undefined : JSON.stringify(job.body),
+      };
+    },
+    onResponse(status, body, context) {
+      const outcome = outcomeOf(status, body);
+      lastOutcome = context.job?.kind ? `${context.job.kind} ${outcome}` : outcome;
+      outcomes[outcome] = (outcomes[outcome] ?? 0) + 1;
+      statusCounts[status] = (statusCounts[status] ?? 0) + 1;
+      const job = context.job;
+      if (job?.onAnswer) {
+        let parsed = null;
+        try {
+          parsed = JSON.parse(body);
+        } catch {
+          // classified above; the scenario sees null
+        }
+        job.onAnswer(status, parsed);
+      }
+    },
+  };
+
+  // autocannon's own duration is rounded up to its 1 s sampling tick; time the run from first send to last answer.
+  const startedAt = performance.now();
+  const instance = autocannon({
+    url: baseUrl,
+    connections: concurrency,
+    ...(amount ? { amount } : { duration }),
+    timeout: REQUEST_TIMEOUT_S,
+    requests: [request],
+  });
+  let lastAnswerAt = startedAt;
+  instance.on("response", (_client, _status, _bytes, responseTime) => {
+    latencies.push(responseTime);
+    (latenciesByOutcome[lastOutcome] ??= []).push(responseTime);
+    lastAnswerAt = performance.now();
+  });
+  instance.on("reqError", (error) => {
+    const key = error?.code ?? error?.message ?? "socket error";
+    socketErrors[key] = (socketErrors[key] ?? 0) + 1;
+  });
+  await instance;
+  const seconds = (lastAnswerAt - startedAt) / 1000;
+
+  latencies.sort((a, b) => a - b);
+  const expectedSet = new Set(expected);
+  const unexpected = Object.entries(outcomes).filter(([outcome]) => !expectedSet.has(outcome));
+  const errors =
+    unexpected.reduce((sum, [, n]) => sum + n, 0) + Object.values(socketErrors).reduce((a, b) => a + b, 0);
+  return {
+    concurrency,
+    requests: latencies.length,
+    durationS: round(seconds, 2),
+    rps: seconds > 0 ? round(latencies.length / seconds) : 0,
+    p50: round(percentile(latencies, 50)),
+    p95: round(percentile(latencies, 95)),
+    p99: round(percentile(latencies, 99)),
+    statusCounts,
+    outcomes,
+    latencyByOutcome: Object.fromEntries(
+      Object.entries(latenciesByOutcome).map(([outcome, values]) => {
+        values.sort((a, b) => a - b);
+        return [outcome, { p50: round(percentile(values, 50)), p99: round(percentile(values, 99)) }];
+      }),
+    ),
+    socketErrors,
+    errors,
+  };
+}

@@ -1,0 +1,132 @@
+// The printed tables, the targets (as ratios to the floor of the same run) and bench/results/latest.json.
+import { mkdirSync, writeFileSync } from "node:fs";
+import { cpus, loadavg, release, type } from "node:os";
+import { dirname } from "node:path";
+
+export function machineInfo() {
+  const cores = cpus();
+  return {
+    cpu: `${cores[0]?.model ?? "unknown"} × ${cores.length}`,
+    cpuModel: cores[0]?.model ?? "unknown",
+    cpuCount: cores.length,
+    node: process.version,
+    os: `${type()} ${release()}`,
+    loadAverageAtStart: loadavg().map((n) => Math.round(n * 100) / 100),
+  };
+}
+
+const ratio = (a, b) => (b > 0 ? Math.round((a / b) * 100) / 100 : null);
+
+const mean = (values) => values.reduce((a, b) => a + b, 0) / values.length;
+
+/** The floor of this run: the mean of the floor measured first and last (the machine is shared and noisy). */
+export function floorOf(scenarios) {
+  const floors = scenarios.filter((s) => s.name.startsWith("floor") && s.requests > 0);
+  if (floors.length === 0) return null;
+  return {
+    rps: Math.round(mean(floors.map((f) => f.rps)) * 10) / 10,
+    p99: Math.round(mean(floors.map((f) => f.p99)) * 10) / 10,
+    from: floors.map((f) => `${f.name} ${f.rps} req/s, p99 ${f.p99} ms`).join("; "),
+  };
+}
+
+/** Adds ratioToFloor and the p99 ratio to each scenario. */
+export function withRatios(scenarios, floor) {
+  return scenarios.map((s) => ({
+    ...s,
+    ratioToFloor: floor ? ratio(s.rps, floor.rps) : null,
+    p99RatioToFloor: floor ? ratio(s.p99, floor.p99) : null,
+  }));
+}
+
+export function evaluateTargets(scenarios, floor) {
+  const byName = new Map(scenarios.map((s) => [s.name, s]));
+  const targets = [];
+  const throughput = (name, minRatio, extra) => {
+    const s = byName.get(name);
+    if (!s) return;
+    const checks = [`${s.ratioToFloor} × floor rps (>= ${minRatio})`];
+    let pass = s.ratioToFloor !== null && s.ratioToFloor >= minRatio;
+    if (extra) {
+      const { ok, text } = extra(s);
+      pass &&= ok;
+      checks.push(text);
+    }
+    targets.push({ name: `${name} throughput >= ${minRatio} × floor${extra ? ", exact, 0 errors" : ""}`, pass, detail: checks.join("; ") });
+  };
+  throughput("coupon-storm", 0.5, (s) => ({
+    ok: s.facts.issued === s.facts.quantity && s.errors === 0 && s.invariants.every((i) => i.pass),
+    text: `${s.facts.issued} issued of ${s.facts.quantity}, ${s.errors} errors`,
+  }));
+  throughput("order-storm", 0.25, (s) => ({
+    ok: s.facts.sold === s.facts.stock && s.errors === 0 && s.invariants.every((i) => i.pass),
+    text: `${s.facts.sold} sold of ${s.facts.stock}, ${s.errors} errors`,
+  }));
+  throughput("catalog-list", 0.8);
+  for (const s of scenarios) {
+    if (s.name.startsWith("floor") || s.p99RatioToFloor === null) continue;
+    targets.push({
+      name: `${s.name} p99 <= 10 × floor p99`,
+      pass: s.p99RatioToFloor <= 10,
+      detail: `${s.p99} ms = ${s.p99RatioToFloor} × floor's ${floor.p99} ms`,
+    });
+  }
+  return targets;
+}
+
+function table(headers, rows) {
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => String(r[i]).length)));
+  const line = (cells) => cells.map((c, i) => (i === 0 ? String(c).padEnd(widths[i]) : String(c).padStart(widths[i]))).join("  ");
+  return [line(headers), widths.map((w) => "-".repeat(w)).join("  "), ...rows.map(line)].join("\n");
+}
+
+const answers = (outcomes) =>
+  Object.entries(outcomes)
+    .sort(([, a], [, b]) => b - a)
+    .map(([k, v]) => `${v}×${k}`)
+    .join(", ");
+
+export function printResults(scenarios, targets, floor) {
+  const rows = scenarios.map((s) => [
+    s.name,
+    s.concurrency,
+    s.requests,
+    s.rps,
+    s.ratioToFloor ?? "-",
+    s.p50,
+    s.p95,
+    s.p99,
+    s.p99RatioToFloor ?? "-",
+    s.errors,
+    answers(s.outcomes) + (Object.keys(s.socketErrors).length ? `; socket: ${answers(s.socketErrors)}` : ""),
+  ]);
+  console.log(
+    "\n" +
+      table(
+        ["scenario", "conc", "requests", "req/s", "x floor", "p50 ms", "p95 ms", "p99 ms", "p99 x floor", "errors", "answers"],
+        rows,
+      ),
+  );
+
+  if (floor) console.log(`floor = mean of ${floor.from}: ${floor.rps} req/s, p99 ${floor.p99} ms`);
+
+  const split = scenarios.filter((s) => Object.keys(s.latencyByOutcome ?? {}).length > 1);
+  if (split.length) console.log("\nLatency by answer (p50 / p99 ms)");
+  for (const s of split) {
+    const parts = Object.entries(s.latencyByOutcome).map(([k, l]) => `${k} ${l.p50} / ${l.p99}`);
+    console.log(`  ${s.name}: ${parts.join("; ")}`);
+  }
+
+  console.log("\nInvariants");
+  for (const s of scenarios.filter((s) => s.invariants.length)) {
+    for (const i of s.invariants) console.log(`  ${i.pass ? "PASS" : "FAIL"}  ${s.name}: ${i.name} (${i.detail})`);
+  }
+
+  console.log("\nTargets (ratios to the floor of this run)");
+  for (const t of targets) console.log(`  ${t.pass ? "PASS" : "FAIL"}  ${t.name}: ${t.detail}`);
+}
+
+export function writeResults(file, report) {
+  mkdirSync(dirname(file), { recursive: true });
+  writeFileSync(file, `${JSON.stringify(report, null, 2)}\n`);
+}

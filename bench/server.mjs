@@ -1,0 +1,180 @@
+// The bench's own throw-away server: a fresh persistence folder, migrations, `wrangler dev` on a free port,
+// a stand-in data platform that accepts every export, and D1 queries against that folder.
+//
+// `wrangler dev` rebuilds and restarts the Worker whenever a source file changes, and in a shared working
+// tree files change all the time: a restart mid-storm fails requests in flight and resets the objects'
+// memory. So the bench bundles the Worker once, as `npm run build` does, and serves that bundle with
+// `wrangler dev --no-bundle` and the same wrangler.toml: the code under test is frozen for the whole run.
+import { spawn, spawnSync } from "node:child_process";
+import { createWriteStream, mkdirSync, readFileSync, rmSync } from "node:fs";
+import { createServer } from "node:http";
+import { join } from "node:path";
+import { driveCron, QUIET_ENV, startWranglerDev, waitForHealth } from "../scripts/local.mjs";
+
+const STOP_GRACE_MS = 5_000;
+
+async function isPortFree(port) {
+  return new Promise((resolve) => {
+    const probe = createServer();
+    probe.once("error", () => resolve(false));
+    probe.listen(port, "127.0.0.1", () => probe.close(() => resolve(true)));
+  });
+}
+
+async function freePort(from) {
+  for (let port = from; port < from + 50; port++) if (await isPortFree(port)) return port;
+  throw new Error(`no free port in ${from}..${from + 49}`);
+}
+
+// Export deliveries run in the background after every order; a sink that answers 200 keeps them from
+// retrying against a closed port, which would add load that is not part of any scenario. (The stand-in of
+// scripts/data-platform.mjs logs a line per order and obeys the outage switch of `npm start`'s session.)
+async function startDataPlatformSink(port) {
+  let received = 0;
+  const sink = createServer((req, res) => {
+    req.resume();
+    req.on("end", () => {
+      received++;
+      res.writeHead(200, { "content-type": "application/json" }).end('{"ok":true}');
+    });
+  });
+  await new Promise((resolve) => sink.listen(port, "127.0.0.1", resolve));
+  return {
+    received: () => received,
+    closeAllConnections: () => sink.closeAllConnections(),
+    close: () => new Promise((resolve) => sink.close(resolve)),
+  };
+}
+
+/** Runs wrangler in the background (so two preparation steps can share the wait); rejects with its stderr. */
+function wranglerAsync(args) {
+  return new Promise((resolve, reject) => {
+    const child = spawn("npx", ["wrangler", ...args], { env: QUIET_ENV, stdio: ["ignore", "ignore", "pipe"] });
+    let stderr = "";
+    child.stderr.on("data", (chunk) => (stderr += chunk));
+    child.on("error", reject);
+    child.on("exit", (code) =>
+      code === 0 ? resolve() : reject(new Error(`wrangler ${args.join(" ")} failed with ${code}:\n${stderr}`)),
+    );
+  });
+}
+
+export async function startBenchServer({ port: wantedPort, stateDir }) {
+  mkdirSync(stateDir, { recursive: true });
+  const bundleDir = join(stateDir, "worker");
+  await Promise.all([
+    wranglerAsync(["d1", "migrations", "apply", "DB", "--local", "--persist-to", stateDir]),
+    wranglerAsync(["deploy", "--dry-run", "--outdir", bundleDir]),
+  ]);
+
+  const port = await freePort(wantedPort);
+  const sinkPort = await freePort(port + 1);
+  const sink = await startDataPlatformSink(sinkPort);
+  const sinkUrl = `http://127.0.0.1:${sinkPort}/orders`;
+  const logFile = join(stateDir, "wrangler-dev.log");
+  const log = createWriteStream(logFile);
+  const dev = startWranglerDev({
+    port,
+    persistTo: stateDir,
+    stdio: ["ignore", "pipe", "pipe"],
+    extraArgs: [
+      join(bundleDir, "index.js"),
+      "--no-bundle",
+      "--config",
+      "wrangler.toml",
+      "--var",
+      `DATA_PLATFORM_URL:${sinkUrl}`,
+    ],
+  });
+  dev.stdout.pipe(log);
+  dev.stderr.pipe(log);
+  running.add(dev.pid);
+
+  const baseUrl = `http://127.0.0.1:${port}`;
+  let cron = null;
+  try {
+    await waitForHealth(baseUrl, 120_000);
+  } catch (error) {
+    await stop();
+    throw new Error(`${error.message}\n--- wrangler dev log ---\n${tail(logFile)}`);
+  }
+
+  // As under npm start: the minute cron (outbox relay, idempotency-key purge) runs during the scenarios.
+  cron = driveCron(baseUrl);
+
+  async function stop() {
+    clearInterval(cron);
+    await stopGroup(dev.pid);
+    sink.closeAllConnections();
+    await sink.close();
+    log.end();
+  }
+
+  // The bundle is frozen, but an edit of wrangler.toml still restarts the Worker; the report says so.
+  const reloads = () => {
+    try {
+      return (readFileSync(logFile, "utf8").match(/Reloading local server/g) ?? []).length;
+    } catch {
+      return 0;
+    }
+  };
+
+  return { baseUrl, port, stateDir, exportsReceived: sink.received, reloads, logTail: () => tail(logFile), stop };
+}
+
+// Process groups of the dev servers started here, so an interrupted bench leaves none behind.
+const running = new Set();
+
+function signalGroup(pid, signal) {
+  try {
+    process.kill(-pid, signal);
+    return true;
+  } catch {
+    return false; // the whole group is gone
+  }
+}
+
+/** Spawned detached: the negative pid reaches npx, wrangler and both workerd processes. */
+async function stopGroup(pid) {
+  if (!running.delete(pid)) return;
+  signalGroup(pid, "SIGINT");
+  const deadline = Date.now() + STOP_GRACE_MS;
+  while (signalGroup(pid, 0)) {
+    if (Date.now() > deadline) {
+      signalGroup(pid, "SIGKILL");
+      break;
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** For an interrupt: signals every dev server started here, without waiting (they stop on their own). */
+export function signalRunningServers() {
+  for (const pid of running) signalGroup(pid, "SIGINT");
+  running.clear();
+}
+
+function tail(file, lines = 15) {
+  try {
+    return readFileSync(file, "utf8").split("\n").slice(-lines).join("\n");
+  } catch {
+    return "(no log)";
+  }
+}
+
+export function removeState(stateDir) {
+  rmSync(stateDir, { recursive: true, force: true });
+}
+
+/** Runs SQL statements (separated by `;`) against the bench's local D1; returns one array of rows per statement. */
+export function queryD1(stateDir, sql) {
+  const result = spawnSync(
+    "npx",
+    ["wrangler", "d1", "execute", "DB", "--local", "--persist-to", stateDir, "--json", "--command", sql],
+    { env: QUIET_ENV, encoding: "utf8", maxBuffer: 64 * 1024 * 1024 },
+  );
+  if (result.status !== 0) throw new Error(`wrangler d1 execute failed (${result.status}): ${result.stderr || result.stdout}`);
+  const start = result.stdout.indexOf("[");
+  const parsed = JSON.parse(result.stdout.slice(start));
+  return parsed.map((statement) => statement.results);
+}

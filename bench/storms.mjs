@@ -1,0 +1,133 @@
+// The two first-come-first-served storms: many users racing for a coupon, many buyers racing for stock.
+import { runLoad } from "./load.mjs";
+import { balancesCheck, couponCheck, invariant, ledgerCheck, paymentsCheck, stockCheck } from "./invariants.mjs";
+
+/** Hands out each job once, in order; a second use would mean autocannon sent more than `amount`. */
+function oneEach(jobs, onOverflow) {
+  let next = 0;
+  return () => {
+    if (next >= jobs.length) onOverflow();
+    return jobs[next++ % jobs.length];
+  };
+}
+
+function answersInvariant(load, expectedOutcomes, total) {
+  const got = Object.entries(load.outcomes)
+    .map(([k, v]) => `${v} × ${k}`)
+    .join(", ");
+  const pass =
+    load.requests === total &&
+    Object.entries(expectedOutcomes).every(([outcome, n]) => (load.outcomes[outcome] ?? 0) === n) &&
+    load.errors === 0;
+  const want = Object.entries(expectedOutcomes)
+    .map(([k, v]) => `${v} × ${k}`)
+    .join(", ");
+  return invariant(`answers: ${want}`, pass, got + (load.errors ? `; ${load.errors} errors` : ""));
+}
+
+export const couponStorm = {
+  name: "coupon-storm",
+  describe: "POST /api/coupons/{id}/issue, one per user",
+  write: true,
+  async run(ctx) {
+    const { couponUsers, couponQuantity } = ctx.sizes;
+    const users = await ctx.pool.take(couponUsers);
+    const coupon = await ctx.api.createCoupon(`bench storm coupon x${couponQuantity}`, couponQuantity);
+    const winners = [];
+    let overflow = 0;
+    const jobs = users.map((user) => ({
+      method: "POST",
+      path: `/api/coupons/${coupon.id}/issue`,
+      token: user.token,
+      body: {},
+      onAnswer: (status) => {
+        if (status === 200) winners.push(user.id);
+      },
+    }));
+    const load = await runLoad({
+      baseUrl: ctx.baseUrl,
+      concurrency: ctx.concurrency,
+      amount: jobs.length,
+      nextJob: oneEach(jobs, () => overflow++),
+      expected: ["200", "400 COUPON_SOLD_OUT"],
+    });
+
+    const after = await ctx.api.getCoupon(coupon.id);
+    return {
+      load,
+      facts: { couponId: coupon.id, users: couponUsers, quantity: couponQuantity, issued: winners.length },
+      invariants: [
+        invariant("each user sent exactly once", overflow === 0, `${overflow} extra requests`),
+        answersInvariant(
+          load,
+          { 200: couponQuantity, "400 COUPON_SOLD_OUT": couponUsers - couponQuantity },
+          couponUsers,
+        ),
+        invariant(
+          `exactly ${couponQuantity} issued (API issuedCount)`,
+          after.issuedCount === couponQuantity,
+          `issuedCount ${after.issuedCount} of ${after.totalQuantity}`,
+        ),
+      ],
+      d1Checks: [couponCheck(coupon.id, { issued: couponQuantity, winners })],
+    };
+  },
+};
+
+const STORM_PRICE = 1_000;
+const STORM_FUNDING = 2 * STORM_PRICE;
+
+export const orderStorm = {
+  name: "order-storm",
+  describe: "POST /api/orders, one unit per buyer",
+  write: true,
+  async run(ctx) {
+    const { buyers: buyerCount, stock } = ctx.sizes;
+    const buyers = await ctx.pool.reserve(buyerCount);
+    const funded = await ctx.api.fund(buyers, STORM_FUNDING);
+    const product = await ctx.api.createProduct(`bench storm product x${stock}`, STORM_PRICE, stock);
+    const orderIds = [];
+    const paidBy = new Map();
+    let overflow = 0;
+    const jobs = buyers.map((buyer) => ({
+      method: "POST",
+      path: "/api/orders",
+      token: buyer.token,
+      body: { items: [{ productId: product.id, quantity: 1 }] },
+      onAnswer: (status, order) => {
+        if (status !== 200) return;
+        orderIds.push(order.id);
+        paidBy.set(buyer.id, order.paidAmount);
+      },
+    }));
+    const load = await runLoad({
+      baseUrl: ctx.baseUrl,
+      concurrency: ctx.concurrency,
+      amount: jobs.length,
+      nextJob: oneEach(jobs, () => overflow++),
+      expected: ["200", "400 OUT_OF_STOCK"],
+    });
+
+    const after = await ctx.api.getProduct(product.id);
+    const expectedBalances = new Map(buyers.map((b) => [b.id, funded.get(b.id) - (paidBy.get(b.id) ?? 0)]));
+    return {
+      load,
+      facts: { productId: product.id, buyers: buyerCount, stock, sold: orderIds.length },
+      invariants: [
+        invariant("each buyer sent exactly once", overflow === 0, `${overflow} extra requests`),
+        answersInvariant(load, { 200: stock, "400 OUT_OF_STOCK": buyerCount - stock }, buyerCount),
+        invariant(
+          "stock >= 0 and stock == initial - successful orders (API product detail)",
+          after.stock >= 0 && after.stock === stock - orderIds.length,
+          `stock ${after.stock}, initial ${stock}, ${orderIds.length} orders answered 200`,
+        ),
+      ],
+      d1Checks: [
+        stockCheck(product, { initialStock: stock, soldQuantity: orderIds.length, orderIds }),
+        paymentsCheck(product.id),
+        ledgerCheck(buyers.map((b) => b.id)),
+        balancesCheck(expectedBalances, "money conserved: balance == funding - paid, losers untouched"),
+      ],
+    };
+  },
+};
