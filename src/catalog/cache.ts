@@ -2,6 +2,35 @@ import { describeError, log } from "../lib/log";
 
 // KV holds whole response bodies (JSON text), so a hit is served without parsing or re-serialising.
 // A KV failure never fails a read: the body is then computed from D1 and simply not cached.
+//
+// In front of KV, each isolate remembers what it read for one second: a hot list is then served without
+// the two KV round trips (version, page). The staleness this adds is at most that second, and only in
+// isolates other than the one that made an admin write (which updates its memory at once); KV itself
+// already takes up to 60 s to show a write in other locations.
+
+const MEMO_MS = 1_000;
+const MEMO_MAX_KEYS = 256;
+const memos = new WeakMap<KVNamespace, Map<string, { value: string | null; until: number }>>();
+
+function memoOf(kv: KVNamespace) {
+  let memo = memos.get(kv);
+  if (!memo) memos.set(kv, (memo = new Map()));
+  return memo;
+}
+
+async function memoGet(kv: KVNamespace, key: string): Promise<string | null> {
+  const hit = memoOf(kv).get(key);
+  if (hit && hit.until > Date.now()) return hit.value;
+  const value = await kv.get(key);
+  remember(kv, key, value);
+  return value;
+}
+
+function remember(kv: KVNamespace, key: string, value: string | null): void {
+  const memo = memoOf(kv);
+  if (memo.size >= MEMO_MAX_KEYS) memo.clear();
+  memo.set(key, { value, until: Date.now() + MEMO_MS });
+}
 
 const CATALOG_VERSION_KEY = "catalog:version";
 
@@ -12,7 +41,7 @@ export async function readThrough(
   ttlSeconds: number,
   compute: () => Promise<unknown>,
 ): Promise<string> {
-  const cached = await kv.get(key).catch((error: unknown) => {
+  const cached = await memoGet(kv, key).catch((error: unknown) => {
     log("warn", "cache: KV read failed; serving uncached", { key, ...describeError(error) });
     return undefined;
   });
@@ -23,6 +52,7 @@ export async function readThrough(
     await kv.put(key, body, { expirationTtl: ttlSeconds }).catch((error: unknown) => {
       log("warn", "cache: KV write failed", { key, ...describeError(error) });
     });
+    remember(kv, key, body);
   }
   return body;
 }
@@ -30,7 +60,7 @@ export async function readThrough(
 /** The catalog's current version; it is part of every product-list cache key. */
 export async function catalogVersion(kv: KVNamespace): Promise<string | null> {
   try {
-    return (await kv.get(CATALOG_VERSION_KEY)) ?? "0";
+    return (await memoGet(kv, CATALOG_VERSION_KEY)) ?? "0";
   } catch (error) {
     log("warn", "cache: catalog version unreadable; list served uncached", describeError(error));
     return null;
@@ -43,8 +73,10 @@ export async function catalogVersion(kv: KVNamespace): Promise<string | null> {
  * already written, and a list at most 60 s stale is within the contract.
  */
 export async function invalidateCatalog(kv: KVNamespace): Promise<void> {
+  const version = crypto.randomUUID();
+  remember(kv, CATALOG_VERSION_KEY, version);
   try {
-    await kv.put(CATALOG_VERSION_KEY, crypto.randomUUID());
+    await kv.put(CATALOG_VERSION_KEY, version);
   } catch (error) {
     log("warn", "cache: catalog version bump failed; lists may stay stale up to their TTL", describeError(error));
   }

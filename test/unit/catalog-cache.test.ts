@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from "vitest";
-import { invalidateCatalog, readThrough } from "../../src/catalog/cache";
+import { catalogVersion, invalidateCatalog, readThrough } from "../../src/catalog/cache";
 
 function fakeKv(stored: Record<string, string> = {}, failures: { get?: boolean; put?: boolean } = {}) {
   const put = vi.fn(async (key: string, value: string, _options?: KVNamespacePutOptions) => {
@@ -58,5 +58,32 @@ describe("invalidateCatalog", () => {
   it("never fails the admin write it follows", async () => {
     const { kv } = fakeKv({}, { put: true });
     await expect(invalidateCatalog(kv)).resolves.toBeUndefined();
+  });
+});
+
+describe("the one-second memo in front of KV", () => {
+  it("reads KV once per key per second, then again", async () => {
+    vi.useFakeTimers({ now: new Date("2026-11-20T00:00:00.000Z"), toFake: ["Date"] });
+    try {
+      const { kv, get } = fakeKv({ k: '"v1"' });
+      const compute = async () => "unused";
+      expect(await readThrough(kv, "k", 60, compute)).toBe('"v1"');
+      expect(await readThrough(kv, "k", 60, compute)).toBe('"v1"');
+      expect(get).toHaveBeenCalledTimes(1);
+      vi.advanceTimersByTime(1_001);
+      expect(await readThrough(kv, "k", 60, compute)).toBe('"v1"');
+      expect(get).toHaveBeenCalledTimes(2);
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it("an invalidation is visible at once in the isolate that made it", async () => {
+    const { kv } = fakeKv({ "catalog:version": "old" });
+    expect(await catalogVersion(kv)).toBe("old");
+    await invalidateCatalog(kv);
+    const fresh = await catalogVersion(kv);
+    expect(fresh).not.toBe("old");
+    expect(fresh).toMatch(/^[0-9a-f-]{36}$/);
   });
 });
