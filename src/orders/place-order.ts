@@ -87,8 +87,14 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
       const placed = await placedOrderJson(env.DB, orderKey);
       if (placed !== null) return placed;
     }
-    await releaseStock(env, orderKey, lines);
-    throw translateWriteError(error);
+    const refusal = translateWriteError(error);
+    if (refusal instanceof AppError) {
+      // A constraint refused the batch: nothing was written, the reservations go back now.
+      await releaseStock(env, orderKey, lines);
+    }
+    // Any other failure may have committed after all (a lost reply): the reservations stay until the
+    // stock objects' settlement alarm finds out from D1 whether this order exists.
+    throw refusal;
   }
 
   deps.defer(

@@ -5,6 +5,8 @@ import { adminToken, call, tokenFor } from "../helpers/api";
 import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
 import { makeProduct, makeUser } from "../helpers/factories";
 import type { ProductStock } from "../../src/orders/product-stock";
+import { systemClock } from "../../src/lib/clock";
+import { placeOrder } from "../../src/orders/place-order";
 
 const stockObject = (productId: number) => env.PRODUCT_STOCK.get(env.PRODUCT_STOCK.idFromName(String(productId)));
 
@@ -146,5 +148,40 @@ describe("the product's stock object", () => {
       await instance.alarm();
     });
     expect(await stub.snapshot(product.id)).toEqual({ stock: 4, reserved: 0, available: 4 });
+  });
+});
+
+describe("an order batch whose reply is lost", () => {
+  it("keeps its reservations for the settlement alarm, which finds the order in D1 and counts it sold", async () => {
+    const user = await makeUser();
+    await fund(user.id, 10_000);
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    // D1 commits the batch, but the Worker sees an error (a connection lost after the commit).
+    const lossyDb = {
+      prepare: (query: string) => env.DB.prepare(query),
+      batch: async (statements: D1PreparedStatement[]) => {
+        const results = await env.DB.batch(statements);
+        // The first batch is the order's reads; the second is its write, whose reply is lost.
+        if (statements.length > 3) throw new Error("Network connection lost.");
+        return results;
+      },
+    } as unknown as D1Database;
+    const lossyEnv = { DB: lossyDb, PRODUCT_STOCK: env.PRODUCT_STOCK } as unknown as Env;
+    const noQueues = { stats: {} as Queue, export: {} as Queue };
+    await expect(
+      placeOrder({ env: lossyEnv, clock: systemClock, queues: noQueues, defer: () => {}, claim: null }, user.id, {
+        items: [{ productId: product.id, quantity: 2 }],
+      }),
+    ).rejects.toThrow("Network connection lost.");
+
+    expect((await one<{ stock: number }>("SELECT stock FROM products WHERE id = ?", product.id)).stock).toBe(3);
+    const stub = stockObject(product.id);
+    // Not released: the object still counts the 2 units as taken, so it never offers more than D1 has.
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 2, available: 3 });
+    await runInDurableObject(stub, async (instance: ProductStock, state) => {
+      state.storage.sql.exec("UPDATE reservations SET expires_at = 0");
+      await instance.alarm();
+    });
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 3, reserved: 0, available: 3 });
   });
 });
