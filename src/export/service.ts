@@ -1,6 +1,6 @@
 import { AppError } from "../lib/errors";
 import { afterCursorSql, toPage, type Page, type PageQuery } from "../lib/pagination";
-import { dispatchOrderEvents, type OrderQueues } from "../orders/outbox";
+import { dispatchOutbox, type OrderQueues, type OutboxRow } from "../orders/outbox";
 
 export type ExportStatus = "PENDING" | "SENT" | "FAILED";
 
@@ -88,6 +88,10 @@ export async function retryExport(db: D1Database, queues: OrderQueues, exportId:
     if (!exists) throw new AppError("EXPORT_NOT_FOUND", `Export ${exportId} does not exist`);
     throw new AppError("EXPORT_NOT_FAILED", `Export ${exportId} is ${exists.status}`);
   }
-  await dispatchOrderEvents(db, queues, row.order_id, at);
+  const { results } = await db
+    .prepare("SELECT id, topic, payload FROM outbox WHERE order_id = ? AND topic = 'export' AND dispatched_at IS NULL")
+    .bind(row.order_id)
+    .all<OutboxRow>();
+  await dispatchOutbox(db, queues, results, at);
   return toExportDto(row);
 }

@@ -40,34 +40,30 @@ export function chunkForQueue(rows: OutboxRow[]): OutboxRow[][] {
   return chunks;
 }
 
-/** Sends each chunk and marks it dispatched as soon as its queue took it; a failed chunk waits for the relay. */
-async function dispatch(db: D1Database, queues: OrderQueues, rows: OutboxRow[], nowIso: string): Promise<number> {
-  let dispatched = 0;
+/**
+ * Sends the rows chunk by chunk, then marks what the queues took as dispatched, in one statement. A chunk
+ * whose send fails stays undispatched for the relay; so does everything if the marking itself fails
+ * (a second send then, which the consumers absorb).
+ */
+export async function dispatchOutbox(db: D1Database, queues: OrderQueues, rows: OutboxRow[], nowIso: string): Promise<number> {
+  const sent: number[] = [];
   for (const topic of ["stats", "export"] as const) {
     for (const chunk of chunkForQueue(rows.filter((r) => r.topic === topic))) {
       try {
         await queues[topic].sendBatch(chunk.map((r) => ({ body: JSON.parse(r.payload), contentType: "json" as const })));
+        sent.push(...chunk.map((r) => r.id));
       } catch (error) {
         log("warn", "outbox send failed; the relay will retry", { topic, rows: chunk.length, error: String(error) });
-        continue;
       }
-      await db
-        .prepare("UPDATE outbox SET dispatched_at = ? WHERE id IN (SELECT value FROM json_each(?))")
-        .bind(nowIso, JSON.stringify(chunk.map((r) => r.id)))
-        .run();
-      dispatched += chunk.length;
     }
   }
-  return dispatched;
-}
-
-/** Right after an order commits. */
-export async function dispatchOrderEvents(db: D1Database, queues: OrderQueues, orderId: number, nowIso: string): Promise<number> {
-  const { results } = await db
-    .prepare("SELECT id, topic, payload FROM outbox WHERE order_id = ? AND dispatched_at IS NULL")
-    .bind(orderId)
-    .all<OutboxRow>();
-  return dispatch(db, queues, results, nowIso);
+  if (sent.length > 0) {
+    await db
+      .prepare("UPDATE outbox SET dispatched_at = ? WHERE id IN (SELECT value FROM json_each(?))")
+      .bind(nowIso, JSON.stringify(sent))
+      .run();
+  }
+  return sent.length;
 }
 
 /**
@@ -101,7 +97,7 @@ export async function relayOutbox(
   ]);
   const rows = [...unsent!.results, ...lost!.results];
   if (rows.length > 0) log("info", "outbox relay re-sending", { unsent: unsent!.results.length, lost: lost!.results.length });
-  return dispatch(db, queues, rows, now.toISOString());
+  return dispatchOutbox(db, queues, rows, now.toISOString());
 }
 
 /**

@@ -5,7 +5,7 @@ import { discountFor, type DiscountType } from "../lib/money";
 import type { OrderDto, PlaceOrder } from "./schemas";
 import { commitStock, releaseStock, reserveStock } from "./stock";
 import { completeClaim, type Claim } from "../lib/idempotency";
-import { dispatchOrderEvents, type OrderQueues } from "./outbox";
+import { dispatchOutbox, type OrderQueues, type OutboxRow } from "./outbox";
 import { orderJsonSql } from "./queries";
 
 export interface PlaceOrderDeps {
@@ -78,7 +78,7 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
 
   const createdAt = now.toISOString();
   const order = { userId, items, totalAmount, discountAmount, paidAmount, userCouponId: coupon?.id ?? null, createdAt };
-  let written: { orderId: number; body: string };
+  let written: { orderId: number; body: string; outbox: OutboxRow[] };
   try {
     written = await writeOrder(env.DB, orderKey, order, utcDate(now), deps.claim);
   } catch (error) {
@@ -98,7 +98,7 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
   }
 
   deps.defer(
-    Promise.all([commitStock(env, orderKey, lines), dispatchOrderEvents(env.DB, deps.queues, written.orderId, createdAt)]),
+    Promise.all([commitStock(env, orderKey, lines), dispatchOutbox(env.DB, deps.queues, written.outbox, createdAt)]),
   );
   return written.body;
 }
@@ -150,7 +150,7 @@ async function writeOrder(
   order: OrderToWrite,
   statDate: string,
   claim: Claim | null,
-): Promise<{ orderId: number; body: string }> {
+): Promise<{ orderId: number; body: string; outbox: OutboxRow[] }> {
   const { userId, items, totalAmount, discountAmount, paidAmount, userCouponId, createdAt } = order;
   const orderId = "(SELECT id FROM orders WHERE order_key = ?)";
   const statsEvent = { date: statDate, items: items.map((i) => ({ productId: i.productId, quantity: i.quantity })) };
@@ -202,7 +202,7 @@ async function writeOrder(
       db
         .prepare(
           `INSERT INTO outbox (order_id, topic, payload, created_at)
-           VALUES (${orderId}, ?, json_set(?, '$.orderId', ${orderId}), ?)`,
+           VALUES (${orderId}, ?, json_set(?, '$.orderId', ${orderId}), ?) RETURNING id, topic, payload`,
         )
         .bind(orderKey, topic, JSON.stringify(event), orderKey, createdAt),
     );
@@ -219,7 +219,8 @@ async function writeOrder(
 
   const results = await db.batch<Record<string, unknown>>(statements);
   const row = results.at(-1)!.results[0] as { id: number; body: string };
-  return { orderId: row.id, body: row.body };
+  const outbox = results.flatMap((r) => r.results).filter((r): r is OutboxRow & Record<string, unknown> => "topic" in r);
+  return { orderId: row.id, body: row.body, outbox };
 }
 
 async function placedOrderJson(db: D1Database, orderKey: string): Promise<string | null> {

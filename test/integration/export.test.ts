@@ -5,7 +5,7 @@ import { recordDeadExports } from "../../src/export/dead-letter";
 import { deliverExports, type ExportDeps } from "../../src/export/consumer";
 import type { OrderExportEvent } from "../../src/export/event";
 import { fixedClock } from "../../src/lib/clock";
-import { chunkForQueue, dispatchOrderEvents, queuesOf, relayOutbox, type OrderQueues } from "../../src/orders/outbox";
+import { chunkForQueue, dispatchOutbox, queuesOf, relayOutbox, type OrderQueues, type OutboxRow } from "../../src/orders/outbox";
 import { handleScheduled } from "../../src/scheduled";
 import { adminToken, call, expectProblem } from "../helpers/api";
 import { all, one } from "../helpers/db";
@@ -181,7 +181,8 @@ describe("outbox relay", () => {
   it("a failed send leaves the rows undispatched and the relay re-sends them later", async () => {
     const { exportId: _, ...event } = await seededOrder();
     const broken = recordingQueues(["export"]);
-    await dispatchOrderEvents(env.DB, broken.queues, event.orderId, clock.now().toISOString());
+    const pending = await all<OutboxRow>("SELECT id, topic, payload FROM outbox WHERE order_id = ?", event.orderId);
+    await dispatchOutbox(env.DB, broken.queues, pending, clock.now().toISOString());
     expect(broken.sent.stats).toHaveLength(1);
     const rows = await all<{ topic: string; dispatched_at: string | null }>(
       "SELECT topic, dispatched_at FROM outbox WHERE order_id = ? ORDER BY topic",
