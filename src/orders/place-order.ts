@@ -37,7 +37,8 @@ interface CouponForOrder {
 /**
  * Places an order paid from the wallet, all or nothing:
  * 1. read prices, balance and coupon; refuse early what is certainly refused;
- * 2. reserve stock in each product's object (released again on any later failure);
+ * 2. reserve stock in each product's object (released when a later step refuses the order; after a failure
+ *    that may have committed, settled by the objects' alarm against D1);
  * 3. one D1 batch (one transaction) writes the order, items, stock, balance, ledger, coupon use and outbox;
  *    the schema's constraints refuse it whole if the balance, stock or coupon changed meanwhile;
  * 4. after commit: confirm the reservations and hand the outbox to the queues, off the response path.
