@@ -218,6 +218,7 @@ export const orderExports = sqliteTable(
     check("order_exports_status", sql`${t.status} IN ('PENDING', 'SENT', 'FAILED')`),
     uniqueIndex("order_exports_order_uq").on(t.orderId),
     index("order_exports_status_newest_idx").on(t.status, t.createdAt, t.id),
+    index("order_exports_newest_idx").on(t.createdAt, t.id),
   ],
 );
 

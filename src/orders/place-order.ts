@@ -1,6 +1,6 @@
 import { isConstraintViolation } from "../db/errors";
 import { AppError } from "../lib/errors";
-import { utcDate, type Clock } from "../lib/clock";
+import type { Clock } from "../lib/clock";
 import { discountFor, type DiscountType } from "../lib/money";
 import type { OrderDto, PlaceOrder } from "./schemas";
 import { commitStock, releaseStock, reserveStock } from "./stock";
@@ -81,7 +81,7 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
   const order = { userId, items, totalAmount, discountAmount, paidAmount, userCouponId: coupon?.id ?? null, createdAt };
   let written: { orderId: number; body: string; outbox: OutboxRow[] };
   try {
-    written = await writeOrder(env.DB, orderKey, order, utcDate(now), deps.claim);
+    written = await writeOrder(env.DB, orderKey, order, deps.claim);
   } catch (error) {
     if (isConstraintViolation(error, "orders.order_key")) {
       // Another run of this same request committed first. The reservation is that run's to commit.
@@ -149,21 +149,25 @@ async function writeOrder(
   db: D1Database,
   orderKey: string,
   order: OrderToWrite,
-  statDate: string,
   claim: Claim | null,
 ): Promise<{ orderId: number; body: string; outbox: OutboxRow[] }> {
   const { userId, items, totalAmount, discountAmount, paidAmount, userCouponId, createdAt } = order;
   const orderId = "(SELECT id FROM orders WHERE order_key = ?)";
-  const statsEvent = { date: statDate, items: items.map((i) => ({ productId: i.productId, quantity: i.quantity })) };
-  const exportEvent = { userId, items, totalAmount, discountAmount, paidAmount, completedAt: createdAt };
+  // Lists are keyset-paged by created_at: a row must never be older than one already committed, or a
+  // slow request (clock read early, commit late) could land behind a client's cursor. So created_at is
+  // max(clock, newest in the list), and the events take the committed value.
+  const orderCreatedAt = "(SELECT created_at FROM orders WHERE order_key = ?)";
+  const statsEvent = { items: items.map((i) => ({ productId: i.productId, quantity: i.quantity })) };
+  const exportEvent = { userId, items, totalAmount, discountAmount, paidAmount };
 
   const statements = [
     db
       .prepare(
         `INSERT INTO orders (order_key, user_id, status, total_amount, discount_amount, paid_amount, user_coupon_id, created_at)
-         VALUES (?, ?, 'COMPLETED', ?, ?, ?, ?, ?) RETURNING id`,
+         VALUES (?, ?, 'COMPLETED', ?, ?, ?, ?, max(?, coalesce((SELECT max(created_at) FROM orders WHERE user_id = ?), '')))
+         RETURNING id`,
       )
-      .bind(orderKey, userId, totalAmount, discountAmount, paidAmount, userCouponId, createdAt),
+      .bind(orderKey, userId, totalAmount, discountAmount, paidAmount, userCouponId, createdAt, userId),
     ...items.flatMap((i) => [
       db
         .prepare(
@@ -198,20 +202,27 @@ async function writeOrder(
         .bind(createdAt, orderKey, userCouponId, userId),
     );
   }
-  for (const [topic, event] of [["stats", statsEvent], ["export", exportEvent]] as const) {
+  const events = [
+    ["stats", statsEvent, `'$.date', substr(${orderCreatedAt}, 1, 10)`],
+    ["export", exportEvent, `'$.completedAt', ${orderCreatedAt}`],
+  ] as const;
+  for (const [topic, event, committedTime] of events) {
     statements.push(
       db
         .prepare(
           `INSERT INTO outbox (order_id, topic, payload, created_at)
-           VALUES (${orderId}, ?, json_set(?, '$.orderId', ${orderId}), ?) RETURNING id, topic, payload`,
+           VALUES (${orderId}, ?, json_set(?, '$.orderId', ${orderId}, ${committedTime}), ?) RETURNING id, topic, payload`,
         )
-        .bind(orderKey, topic, JSON.stringify(event), orderKey, createdAt),
+        .bind(orderKey, topic, JSON.stringify(event), orderKey, orderKey, createdAt),
     );
   }
   statements.push(
     db
-      .prepare(`INSERT INTO order_exports (order_id, status, attempts, created_at, updated_at) VALUES (${orderId}, 'PENDING', 0, ?, ?)`)
-      .bind(orderKey, createdAt, createdAt),
+      .prepare(
+        `INSERT INTO order_exports (order_id, status, attempts, created_at, updated_at)
+         SELECT ${orderId}, 'PENDING', 0, t, t FROM (SELECT max(?, coalesce((SELECT max(created_at) FROM order_exports), '')) AS t)`,
+      )
+      .bind(orderKey, createdAt),
   );
 
   const orderJson = `SELECT ${orderJsonSql("o")} FROM orders o WHERE o.order_key = ?`;

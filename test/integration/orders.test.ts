@@ -1,6 +1,7 @@
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
-import { systemClock } from "../../src/lib/clock";
+import { createApp } from "../../src/app";
+import { fixedClock, systemClock } from "../../src/lib/clock";
 import { effectRefOf, requestFingerprint } from "../../src/lib/idempotency";
 import { placeOrder } from "../../src/orders/place-order";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
@@ -241,6 +242,22 @@ describe("GET /api/users/orders", () => {
       cursor = page.body.nextCursor;
     } while (cursor);
     expect(seen).toEqual([...ids].reverse());
+  });
+
+  it("an order that read an earlier clock but committed later still sorts as the newest", async () => {
+    const user = await buyer(100_000);
+    const product = await makeProduct({ price: 100, stock: 10 });
+    const body = { items: [{ productId: product.id, quantity: 1 }] };
+    const first = await call("POST", "/api/orders", { app: createApp({ clock: fixedClock("2026-11-20T10:00:00.000Z") }), token: user.token, body });
+    const late = await call("POST", "/api/orders", { app: createApp({ clock: fixedClock("2026-11-20T09:59:59.000Z") }), token: user.token, body });
+    expect(late.body.createdAt >= first.body.createdAt).toBe(true);
+    const mine = await call("GET", "/api/users/orders", { token: user.token });
+    expect(mine.body.items.map((o: { id: number }) => o.id)).toEqual([late.body.id, first.body.id]);
+    const exports = await call("GET", "/api/admin/exports?limit=100", { token: await adminToken() });
+    const ours = exports.body.items.filter((e: { orderId: number }) => e.orderId === first.body.id || e.orderId === late.body.id);
+    expect(ours.map((e: { orderId: number }) => e.orderId)).toEqual([late.body.id, first.body.id]);
+    const outbox = await one<{ payload: string }>("SELECT payload FROM outbox WHERE order_id = ? AND topic = 'export'", late.body.id);
+    expect(JSON.parse(outbox.payload).completedAt).toBe(late.body.createdAt);
   });
 
   it("a user cannot list another user's orders; an admin can with ?userId=", async () => {

@@ -1,0 +1,1 @@
+CREATE INDEX `order_exports_newest_idx` ON `order_exports` (`created_at`,`id`);
