@@ -49,7 +49,7 @@ export const catalogRoutes = createRouter()
       path: "/popular",
       summary: "Top 5 products by quantity sold over the last 3 days and today (UTC; cached up to 30 min)",
       middleware: [revalidation] as const,
-      responses: { 200: jsonResponse(PopularSchema, "The ranking"), ...notModified },
+      responses: { 200: jsonResponse(PopularSchema, "The ranking"), ...notModified, ...problems() },
     }),
     async (c) => cachedJson(c, await popularBody(c.get("db"), c.env.CACHE, c.get("clock").now())),
   )

@@ -80,7 +80,7 @@ export function jsonResponse<T extends z.ZodTypeAny>(schema: T, description: str
 const problemResponse = (description: string) =>
   ({ description, content: { "application/problem+json": { schema: ProblemSchema } } }) as const;
 
-/** The problem responses a route can give, for the OpenAPI document. */
+/** The problem responses a route can give, for the OpenAPI document (500 is possible on every route). */
 export function problems(...statuses: (400 | 401 | 403 | 404 | 409 | 413 | 415 | 422)[]) {
   const described: Record<number, string> = {
     400: "Invalid input or a business rule refused the request",
@@ -91,8 +91,9 @@ export function problems(...statuses: (400 | 401 | 403 | 404 | 409 | 413 | 415 |
     413: "Body over 1 MiB",
     415: "Body is not JSON",
     422: "Idempotency key reused with another request",
+    500: "Something failed on the server; the problem carries the requestId to quote",
   };
-  return Object.fromEntries(statuses.map((s) => [s, problemResponse(described[s]!)]));
+  return Object.fromEntries([...statuses, 500].map((s) => [s, problemResponse(described[s]!)]));
 }
 
 export const bearer = [{ bearerAuth: [] }];

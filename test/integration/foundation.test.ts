@@ -48,6 +48,14 @@ describe("operations", () => {
     expect(served.sort()).toEqual(contract.sort());
   });
 
+  it("documents the problem+json 500 on every API operation", async () => {
+    const doc = (await call("GET", "/openapi.json")).body as { paths: Record<string, Record<string, { responses: Record<string, unknown> }>> };
+    const missing = Object.entries(doc.paths)
+      .filter(([path]) => path.startsWith("/api/"))
+      .flatMap(([path, ops]) => Object.entries(ops).filter(([, op]) => !op.responses["500"]).map(([m]) => `${m} ${path}`));
+    expect(missing).toEqual([]);
+  });
+
   it("serves the interactive reference at /docs", async () => {
     const res = await call("GET", "/docs");
     expect(res.status).toBe(200);
