@@ -49,6 +49,19 @@ export class AppError extends Error {
   }
 }
 
+/**
+ * A write whose outcome is unknown (its reply was lost: it may or may not have committed). It answers 503,
+ * and an idempotency claim is kept rather than released, so a retry with the same key continues the same
+ * effect instead of starting a second one.
+ */
+export class OutcomeUnknownError extends AppError {
+  constructor(detail: string, options?: { cause?: unknown }) {
+    super("SERVICE_UNAVAILABLE", detail);
+    this.name = "OutcomeUnknownError";
+    if (options?.cause !== undefined) this.cause = options.cause;
+  }
+}
+
 export interface Problem {
   type: string;
   title: string;

@@ -5,7 +5,7 @@ import { createDb } from "../db/client";
 import { idempotencyKeys } from "../db/schema";
 import { callerScope } from "./auth";
 import { DAY_MS } from "./clock";
-import { AppError } from "./errors";
+import { AppError, OutcomeUnknownError } from "./errors";
 import { describeError, log } from "./log";
 import { IdempotencyKeyHeader } from "./openapi";
 import { PROBLEM_CONTENT_TYPE, problemResponse } from "./problem";
@@ -216,6 +216,9 @@ async function runClaimed(
   try {
     response = await handler(claim);
   } catch (error) {
+    // The effect may have happened: keep the claim, so a retry after the lock takes it over with the
+    // same effectRef and finds (or completes) that effect rather than making another.
+    if (error instanceof OutcomeUnknownError) throw error;
     if (!(error instanceof AppError) || error.status >= 500) {
       await release(db, claim);
       throw error;

@@ -1,9 +1,9 @@
 import { isConstraintViolation } from "../db/errors";
-import { AppError } from "../lib/errors";
+import { AppError, OutcomeUnknownError } from "../lib/errors";
 import type { Clock } from "../lib/clock";
 import { discountFor, type DiscountType } from "../lib/money";
 import type { OrderDto, PlaceOrder } from "./schemas";
-import { commitStock, releaseStock, reserveStock } from "./stock";
+import { commitStock, releaseStock, reserveStock, settleStockSoon } from "./stock";
 import { completeClaim, type Claim } from "../lib/idempotency";
 import { dispatchOutbox, type OrderQueues, type OutboxRow } from "./outbox";
 import { orderJsonSql } from "./queries";
@@ -38,7 +38,7 @@ interface CouponForOrder {
  * Places an order paid from the wallet, all or nothing:
  * 1. read prices, balance and coupon; refuse early what is certainly refused;
  * 2. reserve stock in each product's object (released when a later step refuses the order; after a failure
- *    that may have committed, settled by the objects' alarm against D1);
+ *    that may have committed, settled against D1 by the objects within seconds);
  * 3. one D1 batch (one transaction) writes the order, items, stock, balance, ledger, coupon use and outbox;
  *    the schema's constraints refuse it whole if the balance, stock or coupon changed meanwhile;
  * 4. after commit: confirm the reservations and hand the outbox to the queues, off the response path.
@@ -92,10 +92,15 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
     if (refusal instanceof AppError) {
       // A constraint refused the batch: nothing was written, the reservations go back now.
       await releaseStock(env, orderKey, lines);
+      throw refusal;
     }
-    // Any other failure may have committed after all (a lost reply): the reservations stay until the
-    // stock objects' settlement alarm finds out from D1 whether this order exists.
-    throw refusal;
+    // Any other failure may have committed after all (a lost reply). The reservations are settled
+    // against D1 by the stock objects within seconds; a retry with the same Idempotency-Key continues
+    // this very order (same order key), so it can never be placed twice.
+    await settleStockSoon(env, orderKey, lines);
+    throw new OutcomeUnknownError("The order may or may not have been placed; retry with the same Idempotency-Key", {
+      cause: error,
+    });
   }
 
   deps.defer(

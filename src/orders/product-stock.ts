@@ -37,6 +37,8 @@ export interface ProductRecord {
 
 /** A reservation not committed or released within this long is settled against D1 by the alarm. */
 export const RESERVATION_TTL_MS = 120_000;
+/** How soon a reservation whose order's write outcome is unknown is settled against D1. */
+const SETTLE_SOON_MS = 5_000;
 
 export class ProductStock extends DurableObject<Env> {
   private readonly sql: SqlStorage;
@@ -79,6 +81,17 @@ export class ProductStock extends DurableObject<Env> {
   async release(productId: number, orderKey: string): Promise<void> {
     if (!(await this.load(productId))) return;
     this.drop(orderKey);
+  }
+
+  /**
+   * The order's write failed in a way that may have committed: settle its reservation against D1 soon
+   * (committed means sold, else released) rather than hold the stock for the whole TTL.
+   */
+  async settleSoon(productId: number, orderKey: string): Promise<void> {
+    if (!(await this.load(productId))) return;
+    const at = Date.now() + SETTLE_SOON_MS;
+    this.sql.exec("UPDATE reservations SET expires_at = min(expires_at, ?) WHERE order_key = ?", at, orderKey);
+    this.scheduleSettlement(at);
   }
 
   /**

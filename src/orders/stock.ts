@@ -46,11 +46,12 @@ export async function commitStock(env: Env, orderKey: string, lines: StockLine[]
   await Promise.allSettled(lines.map((l) => stockObject(env, l.productId).commit(l.productId, orderKey)));
 }
 
+/** After a write whose outcome is unknown: each object settles the order against D1 within seconds. */
+export async function settleStockSoon(env: Env, orderKey: string, lines: StockLine[]): Promise<void> {
+  await Promise.allSettled(lines.map((l) => stockObject(env, l.productId).settleSoon(l.productId, orderKey)));
+}
+
 /** Admin stock changes go through the product's object, which also writes D1. */
 export async function adjustStock(env: Env, productId: number, patch: StockPatch): Promise<AdjustResult> {
   return stockObject(env, productId).adjust(productId, patch);
-}
-
-export async function stockSnapshot(env: Env, productId: number) {
-  return stockObject(env, productId).snapshot(productId);
 }

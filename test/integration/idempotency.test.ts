@@ -6,7 +6,7 @@ import { authenticate } from "../../src/lib/auth";
 import { createDb } from "../../src/db/client";
 import { fixedClock, systemClock, DAY_MS } from "../../src/lib/clock";
 import { chargeBalance } from "../../src/wallet/service";
-import { AppError } from "../../src/lib/errors";
+import { AppError, OutcomeUnknownError } from "../../src/lib/errors";
 import { effectRefOf, idempotent, purgeExpiredIdempotencyKeys, requestFingerprint } from "../../src/lib/idempotency";
 import { handleScheduled } from "../../src/scheduled";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
@@ -237,6 +237,20 @@ describe("concurrency and failure", () => {
     await seedKey({ scope, key, hash: await chargeHash({ amount: 1 }) });
     expectProblem(await chargeWithKey(await tokenFor(user.id), key, { amount: 2 }), 422, "IDEMPOTENCY_KEY_REUSED");
     expect(await ledgerCount(user.id)).toBe(0);
+  });
+
+  it("a write whose outcome is unknown answers 503 and keeps the claim for a retry to continue", async () => {
+    const app = createApp();
+    app.post("/test/lost-reply", authenticate, (c) =>
+      idempotent(c, async () => {
+        throw new OutcomeUnknownError("The write may or may not have happened");
+      }),
+    );
+    const user = await makeUser();
+    const key = newKey();
+    const res = await call("POST", "/test/lost-reply", { app, token: await tokenFor(user.id), body: {}, headers: { "Idempotency-Key": key } });
+    expectProblem(res, 503, "SERVICE_UNAVAILABLE");
+    expect(await keyRow(`user:${user.id}`, key)).toMatchObject({ state: "IN_PROGRESS" });
   });
 
   it("an unexpected failure (5xx) releases the claim so the client can retry", async () => {

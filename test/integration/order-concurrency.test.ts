@@ -7,6 +7,7 @@ import { makeProduct, makeUser } from "../helpers/factories";
 import type { ProductStock } from "../../src/orders/product-stock";
 import { systemClock } from "../../src/lib/clock";
 import { placeOrder } from "../../src/orders/place-order";
+import { OutcomeUnknownError } from "../../src/lib/errors";
 
 const stockObject = (productId: number) => env.PRODUCT_STOCK.get(env.PRODUCT_STOCK.idFromName(String(productId)));
 
@@ -152,7 +153,7 @@ describe("the product's stock object", () => {
 });
 
 describe("an order batch whose reply is lost", () => {
-  it("keeps its reservations for the settlement alarm, which finds the order in D1 and counts it sold", async () => {
+  it("answers 503 and has the stock object settle the order against D1 within seconds, counting it sold", async () => {
     const user = await makeUser();
     await fund(user.id, 10_000);
     const product = await makeProduct({ price: 1_000, stock: 5 });
@@ -168,17 +169,20 @@ describe("an order batch whose reply is lost", () => {
     } as unknown as D1Database;
     const lossyEnv = { DB: lossyDb, PRODUCT_STOCK: env.PRODUCT_STOCK } as unknown as Env;
     const noQueues = { stats: {} as Queue, export: {} as Queue };
-    await expect(
-      placeOrder({ env: lossyEnv, clock: systemClock, queues: noQueues, defer: () => {}, claim: null }, user.id, {
-        items: [{ productId: product.id, quantity: 2 }],
-      }),
-    ).rejects.toThrow("Network connection lost.");
+    const failure = await placeOrder({ env: lossyEnv, clock: systemClock, queues: noQueues, defer: () => {}, claim: null }, user.id, {
+      items: [{ productId: product.id, quantity: 2 }],
+    }).catch((error: unknown) => error);
+    expect(failure).toBeInstanceOf(OutcomeUnknownError);
+    expect((failure as OutcomeUnknownError).status).toBe(503);
 
     expect((await one<{ stock: number }>("SELECT stock FROM products WHERE id = ?", product.id)).stock).toBe(3);
     const stub = stockObject(product.id);
-    // Not released: the object still counts the 2 units as taken, so it never offers more than D1 has.
+    // Not released: the object still counts the 2 units as taken, so it never offers more than D1 has...
     expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 2, available: 3 });
+    // ...and it settles them within seconds, not at the end of the 120 s reservation.
     await runInDurableObject(stub, async (instance: ProductStock, state) => {
+      const { expires_at } = state.storage.sql.exec<{ expires_at: number }>("SELECT expires_at FROM reservations").one();
+      expect(expires_at - Date.now()).toBeLessThanOrEqual(5_000);
       state.storage.sql.exec("UPDATE reservations SET expires_at = 0");
       await instance.alarm();
     });
