@@ -43,7 +43,7 @@ export const ProblemSchema = z
 export function decimalInteger(min: number, max: number) {
   return z
     .string()
-    .regex(/^[0-9]+$/, "Decimal digits only")
+    .regex(/^(0|[1-9][0-9]*)$/, "Decimal digits only, without leading zeros")
     .transform(Number)
     .pipe(z.number().min(min).max(max))
     .openapi({ type: "integer", minimum: min, maximum: max });
@@ -61,7 +61,7 @@ export const PositiveId = z.number().int().min(1).max(Number.MAX_SAFE_INTEGER).o
 export function Name(maxLength: number) {
   return z
     .string()
-    .regex(/^[^\u0000-\u001F\u007F]*$/, "Must not contain control characters")
+    .regex(/^[^\u0000-\u001F\u007F-\u009F\u2028\u2029]*$/, "Must not contain control characters or line separators")
     .trim()
     .min(1)
     .max(maxLength);

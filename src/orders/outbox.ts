@@ -21,13 +21,15 @@ export interface OutboxRow {
 const MAX_BATCH_MESSAGES = 100;
 const MAX_BATCH_BYTES = 240_000;
 
-/** Splits rows into sendBatch-sized chunks, in order. */
+const utf8 = new TextEncoder();
+
+/** Splits rows into sendBatch-sized chunks, in order; sizes are UTF-8 bytes (a Hangul name is 3 per character). */
 export function chunkForQueue(rows: OutboxRow[]): OutboxRow[][] {
   const chunks: OutboxRow[][] = [];
   let current: OutboxRow[] = [];
   let bytes = 0;
   for (const row of rows) {
-    const size = row.payload.length + 64;
+    const size = utf8.encode(row.payload).byteLength + 64;
     if (current.length > 0 && (current.length === MAX_BATCH_MESSAGES || bytes + size > MAX_BATCH_BYTES)) {
       chunks.push(current);
       current = [];

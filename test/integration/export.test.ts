@@ -275,5 +275,13 @@ describe("chunkForQueue", () => {
     const large = chunkForQueue(Array.from({ length: 5 }, (_, i) => row(i, 100_000)));
     expect(large.map((c) => c.length)).toEqual([2, 2, 1]);
     expect(chunkForQueue([])).toEqual([]);
+    // 50 items with 200-character Hangul names: ~30 KB of characters, ~90 KB of UTF-8 each.
+    const hangul = (id: number) => ({ id, topic: "export" as const, payload: JSON.stringify({ names: "가".repeat(30_000) }) });
+    const korean = chunkForQueue(Array.from({ length: 6 }, (_, i) => hangul(i)));
+    for (const chunk of korean) {
+      const bytes = chunk.reduce((sum, r) => sum + new TextEncoder().encode(r.payload).byteLength, 0);
+      expect(bytes).toBeLessThanOrEqual(240_000);
+    }
+    expect(korean.flat()).toHaveLength(6);
   });
 });

@@ -205,6 +205,16 @@ describe("request bodies", () => {
     expect(((await chunked.json()) as { code: string }).code).toBe("PAYLOAD_TOO_LARGE");
   });
 
+  it("ids have one spelling, and names refuse C1 controls and line separators", async () => {
+    const token = await adminToken();
+    expectProblem(await call("PATCH", "/api/admin/products/001", { token, body: { price: 1 } }), 400, "VALIDATION_FAILED");
+    expectProblem(await call("GET", "/api/products/01"), 400, "VALIDATION_FAILED");
+    for (const name of ["a\u0085b", "a\u2028b", "a\u009Fb"]) {
+      expectProblem(await call("POST", "/api/admin/users", { token, body: { name } }), 400, "VALIDATION_FAILED");
+    }
+    expect((await call("POST", "/api/admin/users", { token, body: { name: "김민준" } })).status).toBe(201);
+  });
+
   it("unknown fields are rejected, not silently ignored", async () => {
     const res = await call("POST", "/api/admin/users", { token: await adminToken(), body: { name: "a", balance: 999 } });
     expectProblem(res, 400, "VALIDATION_FAILED");
