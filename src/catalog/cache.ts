@@ -10,7 +10,15 @@ import { describeError, log } from "../lib/log";
 
 const MEMO_MS = 1_000;
 const MEMO_MAX_KEYS = 256;
-const memos = new WeakMap<KVNamespace, Map<string, { value: string | null; until: number }>>();
+interface MemoEntry {
+  value: string | null;
+  until: number;
+  /** When it was remembered, in this isolate's order of events. */
+  seq: number;
+}
+
+const memos = new WeakMap<KVNamespace, Map<string, MemoEntry>>();
+let seq = 0;
 
 function memoOf(kv: KVNamespace) {
   let memo = memos.get(kv);
@@ -18,18 +26,26 @@ function memoOf(kv: KVNamespace) {
   return memo;
 }
 
+/** KV entries carry their own expiry, so the memo never keeps one past it (the contract's 60 s). */
+interface EntryMeta {
+  expiresAt?: number;
+}
+
 async function memoGet(kv: KVNamespace, key: string): Promise<string | null> {
   const hit = memoOf(kv).get(key);
   if (hit && hit.until > Date.now()) return hit.value;
-  const value = await kv.get(key);
-  remember(kv, key, value);
+  const startedAt = ++seq;
+  const { value, metadata } = await kv.getWithMetadata<EntryMeta>(key);
+  // A newer value remembered while this read was in flight (an invalidation) wins over what it read.
+  const current = memoOf(kv).get(key);
+  if (!current || current.seq < startedAt) remember(kv, key, value, metadata?.expiresAt);
   return value;
 }
 
-function remember(kv: KVNamespace, key: string, value: string | null): void {
+function remember(kv: KVNamespace, key: string, value: string | null, expiresAt = Infinity): void {
   const memo = memoOf(kv);
   if (memo.size >= MEMO_MAX_KEYS) memo.clear();
-  memo.set(key, { value, until: Date.now() + MEMO_MS });
+  memo.set(key, { value, until: Math.min(Date.now() + MEMO_MS, expiresAt), seq: ++seq });
 }
 
 const CATALOG_VERSION_KEY = "catalog:version";
@@ -49,10 +65,11 @@ export async function readThrough(
   const body = JSON.stringify(await compute());
   if (cached === null) {
     // KV allows about one write per second per key: concurrent misses may collide, and losing one is harmless.
-    await kv.put(key, body, { expirationTtl: ttlSeconds }).catch((error: unknown) => {
+    const expiresAt = Date.now() + ttlSeconds * 1000;
+    await kv.put(key, body, { expirationTtl: ttlSeconds, metadata: { expiresAt } satisfies EntryMeta }).catch((error: unknown) => {
       log("warn", "cache: KV write failed", { key, ...describeError(error) });
     });
-    remember(kv, key, body);
+    remember(kv, key, body, expiresAt);
   }
   return body;
 }

@@ -2,15 +2,17 @@ import { describe, expect, it, vi } from "vitest";
 import { catalogVersion, invalidateCatalog, readThrough } from "../../src/catalog/cache";
 
 function fakeKv(stored: Record<string, string> = {}, failures: { get?: boolean; put?: boolean } = {}) {
-  const put = vi.fn(async (key: string, value: string, _options?: KVNamespacePutOptions) => {
+  const metadata: Record<string, unknown> = {};
+  const put = vi.fn(async (key: string, value: string, options?: KVNamespacePutOptions) => {
     if (failures.put) throw new Error("KV PUT failed: 429 Too Many Requests");
     stored[key] = value;
+    metadata[key] = options?.metadata ?? null;
   });
   const get = vi.fn(async (key: string) => {
     if (failures.get) throw new Error("KV GET failed");
-    return stored[key] ?? null;
+    return { value: stored[key] ?? null, metadata: metadata[key] ?? null };
   });
-  return { kv: { get, put } as unknown as KVNamespace, get, put, stored };
+  return { kv: { getWithMetadata: get, put } as unknown as KVNamespace, get, put, stored };
 }
 
 describe("readThrough", () => {
@@ -25,7 +27,7 @@ describe("readThrough", () => {
   it("computes a miss and stores it once, with the TTL", async () => {
     const { kv, put } = fakeKv();
     expect(await readThrough(kv, "k", 1800, async () => ({ a: 1 }))).toBe('{"a":1}');
-    expect(put).toHaveBeenCalledExactlyOnceWith("k", '{"a":1}', { expirationTtl: 1800 });
+    expect(put).toHaveBeenCalledExactlyOnceWith("k", '{"a":1}', { expirationTtl: 1800, metadata: { expiresAt: expect.any(Number) } });
   });
 
   it("serves from the source, without writing, when KV cannot be read", async () => {
@@ -85,5 +87,37 @@ describe("the one-second memo in front of KV", () => {
     const fresh = await catalogVersion(kv);
     expect(fresh).not.toBe("old");
     expect(fresh).toMatch(/^[0-9a-f-]{36}$/);
+  });
+});
+
+describe("the memo never outlives the KV entry", () => {
+  it("an entry read just before it expires is not served past its expiry", async () => {
+    vi.useFakeTimers({ now: new Date("2026-11-20T00:00:00.000Z"), toFake: ["Date"] });
+    try {
+      const { kv, get, stored } = fakeKv();
+      const expiresAt = Date.now() + 200;
+      stored.k = '"old"';
+      get.mockImplementation(async (key: string) => ({ value: stored[key] ?? null, metadata: key === "k" ? { expiresAt } : null }));
+      expect(await readThrough(kv, "k", 60, async () => "fresh")).toBe('"old"');
+      vi.advanceTimersByTime(300);
+      delete stored.k;
+      expect(await readThrough(kv, "k", 60, async () => "fresh")).toBe('"fresh"');
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it("a version read in flight does not overwrite an invalidation made meanwhile", async () => {
+    const { kv, get } = fakeKv({ "catalog:version": "old" });
+    let release!: () => void;
+    get.mockImplementationOnce(async () => {
+      await new Promise<void>((r) => (release = r));
+      return { value: "old", metadata: null };
+    });
+    const slowRead = catalogVersion(kv);
+    await invalidateCatalog(kv);
+    release();
+    expect(await slowRead).toBe("old");
+    expect(await catalogVersion(kv)).not.toBe("old");
   });
 });
