@@ -1,6 +1,7 @@
 import { consumeExportDeadLetters } from "./export/dead-letter";
 import { consumeExports } from "./export/consumer";
 import { consumeStats } from "./stats/consumer";
+import { systemClock } from "./lib/clock";
 import { log } from "./lib/log";
 import { returnDeadStatsToOutbox } from "./orders/outbox";
 
@@ -14,7 +15,7 @@ export async function handleQueue(batch: MessageBatch, env: Env, ctx: ExecutionC
     case "order-export-dlq":
       return consumeExportDeadLetters(batch, env, ctx);
     case "order-stats-dlq":
-      return returnDeadStatsToOutbox(batch, env.DB, new Date());
+      return returnDeadStatsToOutbox(batch, env.DB, systemClock.now());
     default:
       log("error", "message on a queue without a consumer", { queue: batch.queue, count: batch.messages.length });
       batch.ackAll();

@@ -1,20 +1,20 @@
 import { z } from "@hono/zod-openapi";
-import { PositiveId as positiveId, Timestamp } from "../lib/openapi";
+import { PositiveId, Timestamp } from "../lib/openapi";
 
 export const MAX_ORDER_LINES = 50;
 export const MAX_LINE_QUANTITY = 100;
 
 export const PlaceOrderBody = z
   .strictObject({
-    userId: positiveId.optional().openapi({ description: "Defaults to the caller; an admin must name it" }),
+    userId: PositiveId.optional().openapi({ description: "Defaults to the caller; an admin must name it" }),
     items: z
-      .array(z.strictObject({ productId: positiveId, quantity: z.number().int().min(1).max(MAX_LINE_QUANTITY) }))
+      .array(z.strictObject({ productId: PositiveId, quantity: z.number().int().min(1).max(MAX_LINE_QUANTITY) }))
       .min(1)
       .max(MAX_ORDER_LINES)
       .refine((items) => new Set(items.map((i) => i.productId)).size === items.length, {
         message: "Each product may appear once",
       }),
-    userCouponId: positiveId.optional(),
+    userCouponId: PositiveId.optional(),
   })
   .openapi("PlaceOrder");
 
