@@ -91,8 +91,7 @@ export async function updateProduct(
         ? new AppError("OUT_OF_STOCK", "The stock would go below zero or into stock reserved by orders in flight")
         : new AppError("PRODUCT_NOT_FOUND", `Product ${productId} does not exist`);
     }
-    const r = result.product;
-    product = { id: r.id, name: r.name, price: r.price, stock: r.stock, createdAt: r.created_at, updatedAt: r.updated_at };
+    product = toProductDto(result.product);
   } else {
     const [row] = await db
       .update(products)

@@ -26,13 +26,14 @@ export type AdjustResult =
   | { ok: true; product: ProductRecord }
   | { ok: false; reason: "OUT_OF_STOCK" | "PRODUCT_NOT_FOUND" };
 
+/** The product row as drizzle names it, so the catalog's own mapper shapes it. */
 export interface ProductRecord {
   id: number;
   name: string;
   price: number;
   stock: number;
-  created_at: string;
-  updated_at: string;
+  createdAt: string;
+  updatedAt: string;
 }
 
 /** A reservation not committed or released within this long is settled against D1 by the alarm. */
@@ -46,6 +47,8 @@ export class ProductStock extends DurableObject<Env> {
   private stock = 0;
   private reserved = 0;
   private loading: Promise<boolean> | null = null;
+  /** When the alarm this life set will fire; null before it set one (or after it fired). */
+  private alarmAt: number | null = null;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
@@ -109,7 +112,7 @@ export class ProductStock extends DurableObject<Env> {
     try {
       const row = await this.env.DB.prepare(
         `UPDATE products SET stock = stock + ?1, name = coalesce(?2, name), price = coalesce(?3, price), updated_at = ?4
-         WHERE id = ?5 RETURNING id, name, price, stock, created_at, updated_at`,
+         WHERE id = ?5 RETURNING id, name, price, stock, created_at AS createdAt, updated_at AS updatedAt`,
       )
         .bind(delta, patch.name ?? null, patch.price ?? null, patch.updatedAt, productId)
         .first<ProductRecord>();
@@ -133,6 +136,8 @@ export class ProductStock extends DurableObject<Env> {
 
   /** Settles reservations whose Worker never came back: committed in D1 means sold, otherwise released. */
   override async alarm(): Promise<void> {
+    // A running alarm is no longer set; the next one is set below if reservations remain.
+    this.alarmAt = null;
     const known = this.sql.exec<{ value: number }>("SELECT value FROM meta WHERE key = 'product_id'").toArray();
     if (known.length === 0 || !(await this.load(known[0]!.value))) return;
     const now = Date.now();
@@ -146,7 +151,10 @@ export class ProductStock extends DurableObject<Env> {
       log("warn", "stale stock reservation settled", { productId: this.productId, orderKey: order_key, committed });
     }
     const next = this.sql.exec<{ at: number | null }>("SELECT min(expires_at) AS at FROM reservations").one().at;
-    if (next !== null) await this.ctx.storage.setAlarm(next);
+    if (next !== null) {
+      this.alarmAt = next;
+      await this.ctx.storage.setAlarm(next);
+    }
   }
 
   private available(): number {
@@ -162,11 +170,16 @@ export class ProductStock extends DurableObject<Env> {
     return rows[0]!.quantity;
   }
 
+  /** Makes sure the alarm fires by `at`; the reservations table, not a storage read, says what is due. */
   private scheduleSettlement(at: number): void {
-    void this.ctx.storage.getAlarm().then((current) => {
-      if (current === null || current > at) return this.ctx.storage.setAlarm(at);
-    });
+    if (this.alarmAt != null && this.alarmAt <= at) return;
+    // Unknown (a new life), none set, or later than needed: the earliest reservation decides.
+    const earliest = this.sql.exec<{ at: number | null }>("SELECT min(expires_at) AS at FROM reservations").one().at;
+    this.alarmAt = Math.min(earliest ?? at, at);
+    void this.ctx.storage.setAlarm(this.alarmAt);
   }
+
+
 
   /**
    * Loads the product's stock from D1 once per object lifetime (so also after a restart). Reservations
