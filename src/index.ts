@@ -11,4 +11,4 @@ export default {
 } satisfies ExportedHandler<Env>;
 
 export { CouponGate } from "./coupons/coupon-gate";
-export { ProductStock } from "./orders/product-stock";
+export { ProductStock } from "./inventory/product-stock";

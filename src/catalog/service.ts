@@ -5,7 +5,7 @@ import { afterCursor, toPage, type Page, type PageQuery } from "../lib/paginatio
 import type { Clock } from "../lib/clock";
 import type { Db } from "../env";
 import { catalogVersion, invalidateCatalog, readThrough } from "./cache";
-import { adjustStock } from "../orders/stock";
+import { adjustStock } from "../inventory/stock";
 import type { CreateProduct, UpdateProduct } from "./schemas";
 
 /** How long a product-list page may be served from KV (the seed's 60 s; also KV's minimum TTL). */

@@ -3,7 +3,7 @@ import { AppError, OutcomeUnknownError } from "../lib/errors";
 import type { Clock } from "../lib/clock";
 import { discountFor, type DiscountType } from "../lib/money";
 import type { OrderDto, PlaceOrder } from "./schemas";
-import { commitStock, releaseStock, reserveStock, settleStockSoon } from "./stock";
+import { commitStock, releaseStock, reserveStock, settleStockSoon } from "../inventory/stock";
 import { completeClaim, type Claim } from "../lib/idempotency";
 import { dispatchOutbox, type OrderQueues, type OutboxRow } from "./outbox";
 import { orderJsonSql } from "./queries";

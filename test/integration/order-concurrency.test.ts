@@ -4,7 +4,7 @@ import { describe, expect, it } from "vitest";
 import { adminToken, call, tokenFor } from "../helpers/api";
 import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
 import { makeProduct, makeUser } from "../helpers/factories";
-import type { ProductStock } from "../../src/orders/product-stock";
+import type { ProductStock } from "../../src/inventory/product-stock";
 import { systemClock } from "../../src/lib/clock";
 import { placeOrder } from "../../src/orders/place-order";
 import { OutcomeUnknownError } from "../../src/lib/errors";
