@@ -1,12 +1,18 @@
 import { systemClock, type Clock } from "../lib/clock";
-import { log } from "../lib/log";
+import { describeError, log } from "../lib/log";
 import { orderIdOf } from "../orders/outbox";
+import { backoffSeconds } from "./consumer";
 
-// Messages that exhausted their retries land here: the export is marked FAILED (keeping the last
-// error the consumer recorded) so admins see it and can retry it. Nothing is dropped silently.
+// Messages that exhausted their retries land here.
+//
+// Invariant: a dead-lettered export ends FAILED (keeping the last error the consumer recorded) so admins
+// see it and can retry it; nothing is dropped silently.
+// - D1 fails: the message is retried with the consumer's backoff, on its own; the queue's generous
+//   max_retries (wrangler.toml) outlasts a long outage. Should even those run out, the export is still
+//   PENDING with its outbox row open, so the cron relay sends it again.
+// - A body without a usable orderId names no export: it is logged and acked.
 
 export async function recordDeadExports(batch: MessageBatch, db: D1Database, clock: Clock): Promise<void> {
-  const now = clock.now().toISOString();
   for (const message of batch.messages) {
     const orderId = orderIdOf(message);
     if (orderId === null) {
@@ -14,15 +20,21 @@ export async function recordDeadExports(batch: MessageBatch, db: D1Database, clo
       message.ack();
       continue;
     }
-    await db
-      .prepare(
-        `UPDATE order_exports SET status = 'FAILED', updated_at = ?,
-           last_error = coalesce(last_error, 'retries exhausted') WHERE order_id = ? AND status = 'PENDING'`,
-      )
-      .bind(now, orderId)
-      .run();
-    log("error", "export failed permanently", { orderId });
-    message.ack();
+    try {
+      await db
+        .prepare(
+          `UPDATE order_exports SET status = 'FAILED', updated_at = ?,
+             last_error = coalesce(last_error, 'retries exhausted') WHERE order_id = ? AND status = 'PENDING'`,
+        )
+        .bind(clock.now().toISOString(), orderId)
+        .run();
+      log("error", "export failed permanently", { orderId });
+      message.ack();
+    } catch (error) {
+      const delaySeconds = backoffSeconds(message.attempts);
+      log("warn", "export dead letter: D1 failed; will retry", { orderId, attempts: message.attempts, delaySeconds, ...describeError(error) });
+      message.retry({ delaySeconds });
+    }
   }
 }
 

@@ -1,3 +1,4 @@
+import { exponentialBackoff } from "../lib/backoff";
 import { log } from "../lib/log";
 
 // The transactional outbox. Rows are written in the order's own batch; this moves them to the queues.
@@ -105,7 +106,9 @@ export async function relayOutbox(
 /**
  * Stats messages that exhausted their retries (a long D1 outage, say) are not dropped: their outbox rows
  * are marked undispatched again, so the relay re-sends them once things recover. The consumer counts each
- * order once, so a re-send can never double-count.
+ * order once, so a re-send can never double-count. If D1 still fails here, the message backs off on its own
+ * (the queue's max_retries is generous); should even those run out, the row is still open and the relay
+ * re-sends it after OUTBOX_REDELIVER_AFTER_SECONDS. A row already completed is left alone.
  */
 export async function returnDeadStatsToOutbox(batch: MessageBatch, db: D1Database, now: Date): Promise<void> {
   for (const message of batch.messages) {
@@ -117,13 +120,22 @@ export async function returnDeadStatsToOutbox(batch: MessageBatch, db: D1Databas
     }
     try {
       await db
-        .prepare("UPDATE outbox SET dispatched_at = NULL, created_at = ? WHERE order_id = ? AND topic = 'stats'")
+        .prepare(
+          `UPDATE outbox SET dispatched_at = NULL, created_at = ?
+           WHERE order_id = ? AND topic = 'stats' AND completed_at IS NULL`,
+        )
         .bind(now.toISOString(), orderId)
         .run();
       message.ack();
     } catch (error) {
-      log("warn", "could not return a dead stats message to the outbox", { orderId, error: String(error) });
-      message.retry({ delaySeconds: 60 });
+      const delaySeconds = exponentialBackoff(message.attempts, 10, 600);
+      log("warn", "could not return a dead stats message to the outbox; will retry", {
+        orderId,
+        attempts: message.attempts,
+        delaySeconds,
+        error: String(error),
+      });
+      message.retry({ delaySeconds });
     }
   }
 }

@@ -1,86 +1,12 @@
-import { createExecutionContext, createMessageBatch, createScheduledController, getQueueResult } from "cloudflare:test";
+import { createExecutionContext, createMessageBatch, createScheduledController } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { recordDeadExports } from "../../src/export/dead-letter";
-import { deliverExports, type ExportDeps } from "../../src/export/consumer";
-import type { OrderExportEvent } from "../../src/export/event";
-import { fixedClock } from "../../src/lib/clock";
-import { chunkForQueue, dispatchOutbox, queuesOf, relayOutbox, type OrderQueues, type OutboxRow } from "../../src/orders/outbox";
+import { chunkForQueue, dispatchOutbox, queuesOf, relayOutbox, type OutboxRow } from "../../src/orders/outbox";
 import { handleScheduled } from "../../src/scheduled";
 import { adminToken, call, expectProblem } from "../helpers/api";
 import { all, one } from "../helpers/db";
-import { makeUser } from "../helpers/factories";
-
-const clock = fixedClock("2026-11-20T10:00:00.000Z");
-
-/**
- * A completed order with its export row and undispatched outbox rows, written straight to D1 so that no
- * real queue message exists for it (the Worker's own consumer cannot race these tests).
- */
-async function seededOrder(createdAt = "2026-11-20T09:00:00.000Z"): Promise<OrderExportEvent & { exportId: number }> {
-  const user = await makeUser();
-  const order = await one<{ id: number }>(
-    `INSERT INTO orders (order_key, user_id, status, total_amount, discount_amount, paid_amount, created_at)
-     VALUES (?, ?, 'COMPLETED', 5000, 0, 5000, ?) RETURNING id`,
-    crypto.randomUUID(),
-    user.id,
-    createdAt,
-  );
-  const event: OrderExportEvent = {
-    orderId: order.id,
-    userId: user.id,
-    items: [{ productId: 1, name: "Mug", unitPrice: 5000, quantity: 1, amount: 5000 }],
-    totalAmount: 5000,
-    discountAmount: 0,
-    paidAmount: 5000,
-    completedAt: createdAt,
-  };
-  const stats = { orderId: order.id, date: createdAt.slice(0, 10), items: [{ productId: 1, quantity: 1 }] };
-  await env.DB.batch([
-    env.DB.prepare("INSERT INTO outbox (order_id, topic, payload, created_at) VALUES (?, 'export', ?, ?)").bind(order.id, JSON.stringify(event), createdAt),
-    env.DB.prepare("INSERT INTO outbox (order_id, topic, payload, created_at) VALUES (?, 'stats', ?, ?)").bind(order.id, JSON.stringify(stats), createdAt),
-  ]);
-  const exp = await one<{ id: number }>(
-    "INSERT INTO order_exports (order_id, status, attempts, created_at, updated_at) VALUES (?, 'PENDING', 0, ?, ?) RETURNING id",
-    order.id,
-    createdAt,
-    createdAt,
-  );
-  return { ...event, exportId: exp.id };
-}
-
-interface Posted {
-  url: string;
-  key: string | null;
-  body: unknown;
-}
-
-/** A data platform that answers with the given statuses in turn (the last one repeats). */
-function platform(...statuses: (number | "network-error")[]) {
-  const posted: Posted[] = [];
-  const send = (async (input: RequestInfo | URL, init?: RequestInit) => {
-    const headers = new Headers(init?.headers);
-    posted.push({ url: String(input), key: headers.get("Idempotency-Key"), body: JSON.parse(String(init?.body)) });
-    const status = statuses[Math.min(posted.length - 1, statuses.length - 1)]!;
-    if (status === "network-error") throw new TypeError("Network connection lost.");
-    return new Response(status < 300 ? "{}" : "platform says no", { status });
-  }) as typeof fetch;
-  const deps: ExportDeps = { db: env.DB, url: "https://platform.test/orders", send, clock };
-  return { posted, deps };
-}
-
-async function deliver(body: unknown, deps: ExportDeps, attempts = 1) {
-  const batch = createMessageBatch("order-export", [{ id: `m-${crypto.randomUUID()}`, timestamp: new Date(), attempts, body }]);
-  const ctx = createExecutionContext();
-  await deliverExports(batch, deps);
-  return getQueueResult(batch, ctx);
-}
-
-const exportRow = (orderId: number) =>
-  one<{ status: string; attempts: number; last_error: string | null; sent_at: string | null }>(
-    "SELECT status, attempts, last_error, sent_at FROM order_exports WHERE order_id = ?",
-    orderId,
-  );
+import { clock, deliver, exportRow, platform, recordingQueues, seededOrder } from "../helpers/exports";
 
 describe("export consumer", () => {
   it("POSTs the order with Idempotency-Key order-<id> and marks it SENT on a 2xx", async () => {
@@ -166,18 +92,6 @@ describe("dead letters and admin retry", () => {
 });
 
 describe("outbox relay", () => {
-  function recordingQueues(failing: ("stats" | "export")[] = []) {
-    const sent: Record<"stats" | "export", unknown[]> = { stats: [], export: [] };
-    const queue = (topic: "stats" | "export") =>
-      ({
-        sendBatch: async (messages: { body: unknown }[]) => {
-          if (failing.includes(topic)) throw new Error(`${topic} queue unavailable`);
-          sent[topic].push(...messages.map((m) => m.body));
-        },
-      }) as unknown as Queue;
-    return { sent, queues: { stats: queue("stats"), export: queue("export") } satisfies OrderQueues };
-  }
-
   it("a failed send leaves the rows undispatched and the relay re-sends them later", async () => {
     const { exportId: _, ...event } = await seededOrder();
     const broken = recordingQueues(["export"]);

@@ -3,9 +3,12 @@ import { env } from "cloudflare:workers";
 import { describe, expect, it, vi } from "vitest";
 import worker from "../../src/index";
 import { fixedClock } from "../../src/lib/clock";
+import { relayOutbox, returnDeadStatsToOutbox } from "../../src/orders/outbox";
 import { countBatch } from "../../src/stats/consumer";
 import type { OrderCompletedEvent } from "../../src/stats/event";
+import { outboxRow, recordingQueues, seededOrder } from "../helpers/exports";
 import { makeProduct } from "../helpers/factories";
+import { unreliableD1 } from "../helpers/unreliable-d1";
 
 // Order ids here need no orders row (stats_counted_orders has no foreign key); each test takes fresh ones.
 let nextOrderId = 9_000_000 + Math.floor(Math.random() * 1_000_000);
@@ -159,5 +162,99 @@ describe("stats consumer", () => {
     expect(result.retryMessages).toEqual([]);
     expect(result.explicitAcks).toHaveLength(malformed.length + 1);
     expect(await sold("2030-05-01", p.id)).toBe(1);
+  });
+});
+
+describe("stats consumer: messages that can never be counted", () => {
+  const longAgo = "2026-11-20T09:00:00.000Z";
+
+  /** An order whose stats outbox row was dispatched long ago and never completed. */
+  async function dispatchedOrder() {
+    const order = await seededOrder();
+    await env.DB.prepare("UPDATE outbox SET dispatched_at = ? WHERE order_id = ?").bind(longAgo, order.orderId).run();
+    return order.orderId;
+  }
+
+  async function relayedStats(): Promise<number[]> {
+    const q = recordingQueues();
+    await relayOutbox(env.DB, q.queues, new Date("2026-11-21T10:00:00.000Z"), 30, 1800);
+    return q.sent.stats.map((m) => (m as { orderId: number }).orderId);
+  }
+
+  it("a malformed message with a usable orderId closes the order's outbox row, so the relay stops re-sending it", async () => {
+    const id = await dispatchedOrder();
+    const result = await deliver({ orderId: id, date: "yesterday", items: [] });
+    expect(result.explicitAcks).toHaveLength(1);
+    expect(result.retryMessages).toEqual([]);
+    expect((await outboxRow(id, "stats")).completed_at).not.toBeNull();
+    expect(await isCounted(id)).toBe(false);
+    expect(await relayedStats()).not.toContain(id);
+  });
+
+  it("an order naming a product that does not exist is not counted, and its outbox row is closed", async () => {
+    const id = await dispatchedOrder();
+    const result = await deliver({ orderId: id, date: "2030-06-01", items: [{ productId: 999_999_999, quantity: 1 }] });
+    expect(result.explicitAcks).toHaveLength(1);
+    expect(await isCounted(id)).toBe(false);
+    expect((await outboxRow(id, "stats")).completed_at).not.toBeNull();
+    expect(await relayedStats()).not.toContain(id);
+  });
+
+  it("closing the row backs off when D1 fails, and succeeds once it recovers", async () => {
+    const id = await dispatchedOrder();
+    const d1 = unreliableD1(env.DB);
+    d1.failNext(1);
+    const batch = createMessageBatch("order-stats", [message({ orderId: id, date: "2030-06-02", items: "none" }, 2)]);
+    const retry = vi.spyOn(batch.messages[0]!, "retry");
+    const ctx = createExecutionContext();
+    await countBatch(batch, d1.db, fixedClock("2030-06-02T10:00:00.000Z"));
+    expect((await getQueueResult(batch, ctx)).retryMessages).toEqual([{ msgId: batch.messages[0]!.id }]);
+    expect(retry).toHaveBeenCalledWith({ delaySeconds: 10 });
+    expect((await outboxRow(id, "stats")).completed_at).toBeNull();
+
+    await deliver({ orderId: id, date: "2030-06-02", items: "none" });
+    expect((await outboxRow(id, "stats")).completed_at).not.toBeNull();
+  });
+});
+
+describe("stats dead letters", () => {
+  async function returnToOutbox(body: unknown, db: D1Database, attempts: number) {
+    const batch = createMessageBatch("order-stats-dlq", [message(body, attempts)]);
+    const retry = vi.spyOn(batch.messages[0]!, "retry");
+    const ctx = createExecutionContext();
+    await returnDeadStatsToOutbox(batch, db, new Date("2026-11-21T10:00:00.000Z"));
+    const result = await getQueueResult(batch, ctx);
+    return { ...result, delay: retry.mock.calls[0]?.[0]?.delaySeconds };
+  }
+
+  it("while D1 fails the message backs off, growing with each attempt; once it recovers the row goes back to the relay", async () => {
+    const { orderId: id } = await seededOrder();
+    await env.DB.prepare("UPDATE outbox SET dispatched_at = ? WHERE order_id = ?").bind("2026-11-20T09:00:00.000Z", id).run();
+    const body = { orderId: id, date: "2026-11-20", items: [{ productId: 1, quantity: 1 }] };
+    const d1 = unreliableD1(env.DB);
+    d1.down();
+    const delays = [];
+    for (const attempts of [1, 2, 5, 50]) {
+      const result = await returnToOutbox(body, d1.db, attempts);
+      expect(result.retryMessages).toHaveLength(1);
+      delays.push(result.delay);
+    }
+    expect(delays).toEqual([10, 20, 160, 600]);
+    expect((await outboxRow(id, "stats")).dispatched_at).not.toBeNull();
+
+    d1.up();
+    const recovered = await returnToOutbox(body, d1.db, 51);
+    expect(recovered.explicitAcks).toHaveLength(1);
+    expect((await outboxRow(id, "stats")).dispatched_at).toBeNull();
+  });
+
+  it("leaves a row some consumer already completed alone", async () => {
+    const { orderId: id } = await seededOrder();
+    await env.DB.prepare("UPDATE outbox SET dispatched_at = ?, completed_at = ? WHERE order_id = ?")
+      .bind("2026-11-20T09:00:00.000Z", "2026-11-20T09:00:01.000Z", id)
+      .run();
+    const result = await returnToOutbox({ orderId: id }, env.DB, 1);
+    expect(result.explicitAcks).toHaveLength(1);
+    expect((await outboxRow(id, "stats")).dispatched_at).toBe("2026-11-20T09:00:00.000Z");
   });
 });
