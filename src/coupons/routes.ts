@@ -1,6 +1,6 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import { actingUserId, authenticate } from "../lib/auth";
-import { bearer, createRouter, jsonBody, jsonResponse, ProblemSchema, problems } from "../lib/openapi";
+import { bearer, createRouter, jsonBody, jsonResponse, problems } from "../lib/openapi";
 import { CouponParams, IssueBody, UserCouponSchema, UserCouponsQuery } from "./schemas";
 import { issueCoupon, listUsableCoupons } from "./service";
 
@@ -16,11 +16,7 @@ export const couponRoutes = createRouter()
       request: { params: CouponParams, body: jsonBody(IssueBody) },
       responses: {
         200: jsonResponse(UserCouponSchema, "The issued coupon"),
-        ...problems(400, 401, 403, 404, 413, 415),
-        503: {
-          description: "The issue could not be recorded; retrying is safe",
-          content: { "application/problem+json": { schema: ProblemSchema } },
-        },
+        ...problems(400, 401, 403, 404, 413, 415, 503),
       },
     }),
     async (c) => {

@@ -1,5 +1,6 @@
 import { DurableObject } from "cloudflare:workers";
-import { log } from "../lib/log";
+import { DAY_MS } from "../lib/clock";
+import { describeError, log } from "../lib/log";
 
 // One object per product: the authority on how much of it may still be promised to orders.
 //
@@ -10,6 +11,20 @@ import { log } from "../lib/log";
 //
 // Invariant: stock - sum(open reservations) <= D1's stock. Everything below keeps the object's view at
 // or under D1's, never above it, so a decision made here never promises stock D1 does not have.
+//
+// On each failure:
+// - The Worker that reserved never comes back (isolate died, reply lost, outcome unknown): the reservation
+//   expires (RESERVATION_TTL_MS, or SETTLE_SOON_MS when asked) and the alarm settles it against D1:
+//   an order committed under its key means sold, anything else means released.
+// - A reservation exists only while its alarm is set: if storage refuses setAlarm, the reservation is
+//   dropped again and the caller gets the error.
+// - The alarm fails (D1 down): it never throws; it sets itself again with backoff (1 s doubling to 1 min),
+//   for as long as it takes, rather than relying on the runtime's few retries.
+// - A new life (eviction, restart, deploy): stock is reloaded from D1 with the leftovers' fate in the
+//   same snapshot, and the alarm is set again for what is still held.
+// - One order key reserved twice (an idempotent retry that took over a slow first run which then
+//   committed): committed keys are remembered for two days, so a key is subtracted from stock once.
+// - D1 refuses an order on CHECK (stock >= 0), so this object was above D1: `resync` reloads it.
 
 export type ReserveResult =
   | { ok: true; available: number }
@@ -40,6 +55,10 @@ export interface ProductRecord {
 export const RESERVATION_TTL_MS = 120_000;
 /** How soon a reservation whose order's write outcome is unknown is settled against D1. */
 const SETTLE_SOON_MS = 5_000;
+/** Longer than an idempotency key lives (24 h), so no retry of a committed order outlives the memory of it. */
+const SETTLED_KEPT_MS = 2 * DAY_MS;
+const ALARM_RETRY_FIRST_MS = 1_000;
+const ALARM_RETRY_MAX_MS = 60_000;
 
 export class ProductStock extends DurableObject<Env> {
   private readonly sql: SqlStorage;
@@ -47,8 +66,9 @@ export class ProductStock extends DurableObject<Env> {
   private stock = 0;
   private reserved = 0;
   private loading: Promise<boolean> | null = null;
-  /** When the alarm this life set will fire; null before it set one (or after it fired). */
-  private alarmAt: number | null = null;
+  /** The alarm this life asked storage for; `set` settles once storage has it. Null when none is known. */
+  private alarmSet: { at: number; set: Promise<void> } | null = null;
+  private alarmFailures = 0;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
@@ -56,28 +76,34 @@ export class ProductStock extends DurableObject<Env> {
     this.sql.exec(`CREATE TABLE IF NOT EXISTS reservations (
       order_key TEXT PRIMARY KEY, quantity INTEGER NOT NULL, expires_at INTEGER NOT NULL)`);
     this.sql.exec("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)");
+    this.sql.exec("CREATE TABLE IF NOT EXISTS settled (order_key TEXT PRIMARY KEY, settled_at INTEGER NOT NULL)");
   }
 
   /** Takes `quantity` for the order `orderKey`, or refuses; idempotent per order key. */
   async reserve(productId: number, orderKey: string, quantity: number): Promise<ReserveResult> {
     if (!(await this.load(productId))) return { ok: false, reason: "PRODUCT_NOT_FOUND", available: 0 };
-    // From here to the return there is no await: this is the critical section.
-    const held = this.sql.exec<{ quantity: number }>("SELECT quantity FROM reservations WHERE order_key = ?", orderKey).toArray();
-    if (held.length > 0) return { ok: true, available: this.available() };
+    // From here to the insert there is no await: this is the critical section.
+    // An order already committed under this key needs nothing more: its write will find the order.
+    if (this.isSettled(orderKey) || this.holds(orderKey)) return { ok: true, available: this.available() };
     if (quantity > this.available()) return { ok: false, reason: "OUT_OF_STOCK", available: this.available() };
     // The TTL is the object's own timer, not business time: a pinned request clock must not expire it early.
     const expiresAt = Date.now() + RESERVATION_TTL_MS;
     this.sql.exec("INSERT INTO reservations (order_key, quantity, expires_at) VALUES (?, ?, ?)", orderKey, quantity, expiresAt);
     this.reserved += quantity;
-    this.scheduleSettlement(expiresAt);
+    try {
+      await this.settleBy(expiresAt);
+    } catch (error) {
+      // Without an alarm nothing would ever settle it if the caller vanished: do not keep it.
+      this.drop(orderKey);
+      throw error;
+    }
     return { ok: true, available: this.available() };
   }
 
   /** The order's D1 batch committed: its reservation is now part of D1's stock. */
   async commit(productId: number, orderKey: string): Promise<void> {
     if (!(await this.load(productId))) return;
-    const quantity = this.drop(orderKey);
-    if (quantity !== null) this.stock -= quantity;
+    this.settle(orderKey, true);
   }
 
   /** The order failed: give its reservation back. */
@@ -94,7 +120,17 @@ export class ProductStock extends DurableObject<Env> {
     if (!(await this.load(productId))) return;
     const at = Date.now() + SETTLE_SOON_MS;
     this.sql.exec("UPDATE reservations SET expires_at = min(expires_at, ?) WHERE order_key = ?", at, orderKey);
-    this.scheduleSettlement(at);
+    await this.settleBy(at);
+  }
+
+  /**
+   * D1 and this object disagree (D1 refused an order on its stock CHECK): take D1's stock again, with the
+   * fate of the open reservations read in the same snapshot. Calls arriving meanwhile wait for it.
+   */
+  async resync(productId: number): Promise<void> {
+    this.productId = null;
+    await this.load(productId);
+    log("warn", "stock object re-synced from D1", { productId, stock: this.stock, reserved: this.reserved });
   }
 
   /**
@@ -122,6 +158,7 @@ export class ProductStock extends DurableObject<Env> {
     } catch (error) {
       if (delta < 0) this.stock -= delta;
       if (error instanceof Error && error.message.includes("products_stock_non_negative")) {
+        await this.resync(productId);
         return { ok: false, reason: "OUT_OF_STOCK" };
       }
       throw error;
@@ -134,31 +171,72 @@ export class ProductStock extends DurableObject<Env> {
     return { stock: this.stock, reserved: this.reserved, available: this.available() };
   }
 
-  /** Settles reservations whose Worker never came back: committed in D1 means sold, otherwise released. */
+  /**
+   * Settles reservations whose Worker never came back. It never throws: a failure (D1 down) sets the next
+   * try itself, with backoff, so no expired reservation is ever left without an alarm.
+   */
   override async alarm(): Promise<void> {
-    // A running alarm is no longer set; the next one is set below if reservations remain.
-    this.alarmAt = null;
-    const known = this.sql.exec<{ value: number }>("SELECT value FROM meta WHERE key = 'product_id'").toArray();
-    if (known.length === 0 || !(await this.load(known[0]!.value))) return;
-    const now = Date.now();
+    // The alarm that fired is no longer set; the next one is set below.
+    this.alarmSet = null;
+    try {
+      const known = this.sql.exec<{ value: number }>("SELECT value FROM meta WHERE key = 'product_id'").toArray();
+      if (known.length === 0 || !(await this.load(known[0]!.value))) return;
+      await this.settleExpired();
+      this.alarmFailures = 0;
+    } catch (error) {
+      this.alarmFailures += 1;
+      const delayMs = Math.min(ALARM_RETRY_MAX_MS, ALARM_RETRY_FIRST_MS * 2 ** (this.alarmFailures - 1));
+      log("warn", "stock settlement failed; trying again", {
+        productId: this.productId,
+        failures: this.alarmFailures,
+        delayMs,
+        ...describeError(error),
+      });
+      // If even this fails, the alarm throws and the runtime's own retry is the last resort.
+      await this.armAlarm(Date.now() + delayMs);
+      return;
+    }
+    const next = this.earliestExpiry();
+    if (next !== null) await this.armAlarm(next);
+  }
+
+  private async settleExpired(): Promise<void> {
     const expired = this.sql
-      .exec<{ order_key: string }>("SELECT order_key FROM reservations WHERE expires_at <= ?", now)
+      .exec<{ order_key: string }>("SELECT order_key FROM reservations WHERE expires_at <= ?", Date.now())
       .toArray();
     for (const { order_key } of expired) {
       const committed = await this.orderCommitted(order_key);
-      const quantity = this.drop(order_key);
-      if (quantity !== null && committed) this.stock -= quantity;
+      this.settle(order_key, committed);
       log("warn", "stale stock reservation settled", { productId: this.productId, orderKey: order_key, committed });
     }
-    const next = this.sql.exec<{ at: number | null }>("SELECT min(expires_at) AS at FROM reservations").one().at;
-    if (next !== null) {
-      this.alarmAt = next;
-      await this.ctx.storage.setAlarm(next);
-    }
+    this.sql.exec("DELETE FROM settled WHERE settled_at < ?", Date.now() - SETTLED_KEPT_MS);
   }
 
   private available(): number {
     return this.stock - this.reserved;
+  }
+
+  private holds(orderKey: string): boolean {
+    return this.sql.exec("SELECT 1 FROM reservations WHERE order_key = ?", orderKey).toArray().length > 0;
+  }
+
+  private isSettled(orderKey: string): boolean {
+    return this.sql.exec("SELECT 1 FROM settled WHERE order_key = ?", orderKey).toArray().length > 0;
+  }
+
+  /**
+   * Ends a reservation: committed, its units leave `stock` (D1 took them), once per order key however
+   * many reservations that key had; otherwise they are simply free again.
+   */
+  private settle(orderKey: string, committed: boolean): void {
+    const quantity = this.drop(orderKey);
+    if (quantity === null || !committed) return;
+    if (!this.isSettled(orderKey)) this.stock -= quantity;
+    this.markSettled(orderKey);
+  }
+
+  private markSettled(orderKey: string): void {
+    this.sql.exec("INSERT OR IGNORE INTO settled (order_key, settled_at) VALUES (?, ?)", orderKey, Date.now());
   }
 
   private drop(orderKey: string): number | null {
@@ -170,21 +248,33 @@ export class ProductStock extends DurableObject<Env> {
     return rows[0]!.quantity;
   }
 
-  /** Makes sure the alarm fires by `at`; the reservations table, not a storage read, says what is due. */
-  private scheduleSettlement(at: number): void {
-    if (this.alarmAt != null && this.alarmAt <= at) return;
-    // Unknown (a new life), none set, or later than needed: the earliest reservation decides.
-    const earliest = this.sql.exec<{ at: number | null }>("SELECT min(expires_at) AS at FROM reservations").one().at;
-    this.alarmAt = Math.min(earliest ?? at, at);
-    void this.ctx.storage.setAlarm(this.alarmAt);
+  private earliestExpiry(): number | null {
+    return this.sql.exec<{ at: number | null }>("SELECT min(expires_at) AS at FROM reservations").one().at;
   }
 
+  /** Makes sure the alarm fires by `at`; resolves once storage holds it. */
+  private settleBy(at: number): Promise<void> {
+    if (this.alarmSet !== null && this.alarmSet.at <= at) return this.alarmSet.set;
+    // None known (a new life, or the alarm is running) or later than needed: the earliest reservation decides.
+    return this.armAlarm(Math.min(this.earliestExpiry() ?? at, at));
+  }
 
+  /** Sets the alarm at `at`, trusted only once storage accepted it. */
+  private armAlarm(at: number): Promise<void> {
+    const entry = { at, set: this.ctx.storage.setAlarm(at) };
+    this.alarmSet = entry;
+    entry.set.catch((error: unknown) => {
+      if (this.alarmSet === entry) this.alarmSet = null;
+      log("error", "stock settlement alarm could not be set", { productId: this.productId, at, ...describeError(error) });
+    });
+    return entry.set;
+  }
 
   /**
-   * Loads the product's stock from D1 once per object lifetime (so also after a restart). Reservations
-   * left in storage by a previous lifetime are settled first: those whose order reached D1 are already
-   * in D1's stock, the rest stay held until they are committed, released or expire.
+   * Loads the product's stock from D1 once per object lifetime (so also after a restart, or when asked to
+   * resync). Reservations left in storage by a previous lifetime are settled first: those whose order
+   * reached D1 are already in D1's stock, the rest stay held until they are committed, released or expire,
+   * and the alarm is set for them.
    */
   private load(productId: number): Promise<boolean> {
     if (this.productId === productId) return Promise.resolve(true);
@@ -206,10 +296,15 @@ export class ProductStock extends DurableObject<Env> {
     ]);
     const stock = stockRows!.results[0]?.stock;
     if (stock === undefined) return false;
-    for (const { order_key } of committedRows!.results) this.drop(order_key!);
+    for (const { order_key } of committedRows!.results) {
+      this.drop(order_key!);
+      this.markSettled(order_key!);
+    }
     this.stock = stock;
     this.reserved = this.sql.exec<{ total: number }>("SELECT coalesce(sum(quantity), 0) AS total FROM reservations").one().total;
     this.sql.exec("INSERT OR REPLACE INTO meta (key, value) VALUES ('product_id', ?)", productId);
+    const earliest = this.earliestExpiry();
+    if (earliest !== null && this.alarmSet === null) await this.armAlarm(earliest);
     this.productId = productId;
     return true;
   }

@@ -1,7 +1,10 @@
 import { AppError } from "../lib/errors";
-import type { AdjustResult, StockPatch } from "./product-stock";
+import { describeError, log } from "../lib/log";
+import type { AdjustResult, ReserveResult, StockPatch } from "./product-stock";
 
-// The Worker's side of the per-product stock objects.
+// The Worker's side of the per-product stock objects. A call that throws (the object overloaded, reset
+// or unreachable) is answered 503 SERVICE_UNAVAILABLE, never a 500; and what the call may have taken
+// is given back, since its reply, not its effect, may be what was lost.
 
 export interface StockLine {
   productId: number;
@@ -12,16 +15,31 @@ function stockObject(env: Env, productId: number) {
   return env.PRODUCT_STOCK.get(env.PRODUCT_STOCK.idFromName(String(productId)));
 }
 
+async function callObject<T>(productId: number, call: () => Promise<T>): Promise<T> {
+  try {
+    return await call();
+  } catch (error) {
+    log("error", "stock object call failed", { productId, ...describeError(error) });
+    throw new AppError("SERVICE_UNAVAILABLE", "Stock could not be checked right now; retry shortly");
+  }
+}
+
 /**
- * Reserves every line for the order, product by product in id order; all or nothing: on the first
- * refusal (or error) what was already reserved is released and the refusal is thrown.
+ * Reserves every line for the order, product by product in id order (two orders never hold each
+ * other's last units); all or nothing: on the first refusal or error, what was taken is released (a
+ * line whose call threw included: its reply may be all that was lost) and the refusal is thrown.
  */
 export async function reserveStock(env: Env, orderKey: string, lines: StockLine[]): Promise<void> {
-  const reserved: StockLine[] = [];
+  // A line is owed a release once asked, unless the object answered that it took nothing.
+  const owed: StockLine[] = [];
   try {
     for (const line of [...lines].sort((a, b) => a.productId - b.productId)) {
-      const result = await stockObject(env, line.productId).reserve(line.productId, orderKey, line.quantity);
+      owed.push(line);
+      const result: ReserveResult = await callObject(line.productId, async () =>
+        stockObject(env, line.productId).reserve(line.productId, orderKey, line.quantity),
+      );
       if (!result.ok) {
+        owed.pop();
         throw new AppError(
           result.reason,
           result.reason === "OUT_OF_STOCK"
@@ -29,14 +47,14 @@ export async function reserveStock(env: Env, orderKey: string, lines: StockLine[
             : `Product ${line.productId} does not exist`,
         );
       }
-      reserved.push(line);
     }
   } catch (error) {
-    await releaseStock(env, orderKey, reserved);
+    await releaseStock(env, orderKey, owed);
     throw error;
   }
 }
 
+/** Best effort: a release that fails is settled by the object's alarm when the reservation expires. */
 export async function releaseStock(env: Env, orderKey: string, lines: StockLine[]): Promise<void> {
   await Promise.allSettled(lines.map((l) => stockObject(env, l.productId).release(l.productId, orderKey)));
 }
@@ -51,7 +69,12 @@ export async function settleStockSoon(env: Env, orderKey: string, lines: StockLi
   await Promise.allSettled(lines.map((l) => stockObject(env, l.productId).settleSoon(l.productId, orderKey)));
 }
 
+/** D1 refused stock an object offered: those objects take D1's numbers again. */
+export async function resyncStock(env: Env, lines: StockLine[]): Promise<void> {
+  await Promise.allSettled(lines.map((l) => stockObject(env, l.productId).resync(l.productId)));
+}
+
 /** Admin stock changes go through the product's object, which also writes D1. */
 export async function adjustStock(env: Env, productId: number, patch: StockPatch): Promise<AdjustResult> {
-  return stockObject(env, productId).adjust(productId, patch);
+  return callObject(productId, async (): Promise<AdjustResult> => stockObject(env, productId).adjust(productId, patch));
 }

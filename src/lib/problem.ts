@@ -4,10 +4,15 @@ import type { AppEnv } from "../env";
 
 export const PROBLEM_CONTENT_TYPE = "application/problem+json";
 
+/** A 503 says when to come back: the dependencies behind it (objects, D1) recover in about a second. */
+const RETRY_AFTER_SECONDS: Partial<Record<number, string>> = { 503: "1" };
+
 /** The one way an AppError becomes an HTTP response (app.onError and stored idempotent results). */
 export function problemResponse(c: Context<AppEnv>, error: AppError): Response {
   const requestId = c.get("requestId") ?? "unknown";
+  const retryAfter = RETRY_AFTER_SECONDS[error.status];
   return c.body(JSON.stringify(toProblem(error, requestId)), error.status, {
     "Content-Type": PROBLEM_CONTENT_TYPE,
+    ...(retryAfter ? { "Retry-After": retryAfter } : {}),
   });
 }

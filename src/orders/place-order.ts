@@ -3,7 +3,15 @@ import { AppError, OutcomeUnknownError } from "../lib/errors";
 import type { Clock } from "../lib/clock";
 import { discountFor, type DiscountType } from "../lib/money";
 import type { OrderDto, PlaceOrder } from "./schemas";
-import { commitStock, releaseStock, reserveStock, settleStockSoon } from "../inventory/stock";
+import {
+  commitStock,
+  releaseStock,
+  reserveStock,
+  resyncStock,
+  settleStockSoon,
+  type StockLine,
+} from "../inventory/stock";
+import { describeError, log } from "../lib/log";
 import { completeClaim, type Claim } from "../lib/idempotency";
 import { dispatchOutbox, type OrderQueues, type OutboxRow } from "./outbox";
 import { orderJsonSql } from "./queries";
@@ -36,19 +44,53 @@ interface CouponForOrder {
 
 /**
  * Places an order paid from the wallet, all or nothing:
- * 1. read prices, balance and coupon; refuse early what is certainly refused;
- * 2. reserve stock in each product's object (released when a later step refuses the order; after a failure
- *    that may have committed, settled against D1 by the objects within seconds);
+ * 1. reserve stock in each product's object first (the seed checks stock before payment, and a sold-out
+ *    product then refuses without touching D1);
+ * 2. read prices, balance and coupon; refuse what is certainly refused;
  * 3. one D1 batch (one transaction) writes the order, items, stock, balance, ledger, coupon use and outbox;
  *    the schema's constraints refuse it whole if the balance, stock or coupon changed meanwhile;
  * 4. after commit: confirm the reservations and hand the outbox to the queues, off the response path.
+ * From the reservation on, every way out either commits the reservations or gives them back at once;
+ * only a write whose outcome is unknown leaves them to the objects, which settle them against D1 within
+ * seconds. The caller runs this to its end even if the client goes away (see the order route).
  * Returns the order as JSON text (see orderJsonSql), as stored for an idempotent replay.
  */
 export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: PlaceOrder): Promise<string> {
-  const { env, clock } = deps;
-  const now = clock.now();
-  const { products, balance, coupon } = await readOrderInputs(env.DB, userId, input);
+  const { env } = deps;
+  // Under an Idempotency-Key the order key is the claim's effect: every run of the request (a retry that
+  // took over a crashed or slow first run) writes the same UNIQUE order key, so only one order exists.
+  const orderKey = deps.claim ? `idem:${deps.claim.effectRef}` : crypto.randomUUID();
+  if (deps.claim) {
+    const placed = await placedOrderJson(env.DB, orderKey).catch(unavailable);
+    if (placed !== null) return placed;
+  }
+  const lines = input.items.map((i) => ({ productId: i.productId, quantity: i.quantity }));
+  try {
+    await reserveStock(env, orderKey, lines);
+  } catch (error) {
+    // Several reasons: a missing product is reported before another line's lack of stock.
+    if (error instanceof AppError && error.code === "OUT_OF_STOCK" && lines.length > 1) {
+      await assertProductsExist(env.DB, lines).catch(unavailable);
+    }
+    throw error;
+  }
 
+  let written: WrittenOrder;
+  try {
+    written = await payAndWrite(deps, orderKey, userId, input);
+  } catch (error) {
+    return settleFailedWrite(env, orderKey, lines, error);
+  }
+  deps.defer(
+    Promise.all([commitStock(env, orderKey, lines), dispatchOutbox(env.DB, deps.queues, written.outbox, written.createdAt)]),
+  );
+  return written.body;
+}
+
+/** Steps 2 and 3: the checks that need D1, then the order's one batch. */
+async function payAndWrite(deps: PlaceOrderDeps, orderKey: string, userId: number, input: PlaceOrder): Promise<WrittenOrder> {
+  const now = deps.clock.now();
+  const { products, balance, coupon } = await readOrderInputs(deps.env.DB, userId, input).catch(unavailable);
   const items = input.items.map((line) => {
     const product = products.get(line.productId)!;
     return {
@@ -66,47 +108,79 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
   if (balance < paidAmount) {
     throw new AppError("INSUFFICIENT_BALANCE", `The order costs ${paidAmount} won; the balance is ${balance}`);
   }
-
-  // Under an Idempotency-Key the order key is the claim's effect: every run of the request (a retry that
-  // took over a crashed or slow first run) writes the same UNIQUE order key, so only one order exists.
-  const orderKey = deps.claim ? `idem:${deps.claim.effectRef}` : crypto.randomUUID();
-  if (deps.claim) {
-    const placed = await placedOrderJson(env.DB, orderKey);
-    if (placed !== null) return placed;
-  }
-  const lines = items.map((i) => ({ productId: i.productId, quantity: i.quantity }));
-  await reserveStock(env, orderKey, lines);
-
   const createdAt = now.toISOString();
   const order = { userId, items, totalAmount, discountAmount, paidAmount, userCouponId: coupon?.id ?? null, createdAt };
-  let written: { orderId: number; body: string; outbox: OutboxRow[] };
   try {
-    written = await writeOrder(env.DB, orderKey, order, deps.claim);
+    return { ...(await writeOrder(deps.env.DB, orderKey, order, deps.claim)), createdAt };
   } catch (error) {
-    if (isConstraintViolation(error, "orders.order_key")) {
-      // Another run of this same request committed first. The reservation is that run's to commit.
-      const placed = await placedOrderJson(env.DB, orderKey);
-      if (placed !== null) return placed;
-    }
-    const refusal = translateWriteError(error);
-    if (refusal instanceof AppError) {
-      // A constraint refused the batch: nothing was written, the reservations go back now.
-      await releaseStock(env, orderKey, lines);
-      throw refusal;
-    }
-    // Any other failure may have committed after all (a lost reply). The reservations are settled
-    // against D1 by the stock objects within seconds; a retry with the same Idempotency-Key continues
-    // this very order (same order key), so it can never be placed twice.
-    await settleStockSoon(env, orderKey, lines);
-    throw new OutcomeUnknownError("The order may or may not have been placed; retry with the same Idempotency-Key", {
-      cause: error,
-    });
+    throw new WriteFailed(error);
   }
+}
 
-  deps.defer(
-    Promise.all([commitStock(env, orderKey, lines), dispatchOutbox(env.DB, deps.queues, written.outbox, createdAt)]),
-  );
-  return written.body;
+/** The order's batch threw; what it means decides what happens to the reservations. */
+async function settleFailedWrite(env: Env, orderKey: string, lines: StockLine[], error: unknown): Promise<string> {
+  if (!(error instanceof WriteFailed)) {
+    // Refused (or D1 unreadable) before anything was written: the reservations go back now.
+    await releaseStock(env, orderKey, lines);
+    throw error;
+  }
+  const cause = error.cause;
+  if (isConstraintViolation(cause, "orders.order_key")) {
+    // Another run of this same request committed first. The units are sold once: the objects remember
+    // which order keys they already counted, so confirming here can never count them twice.
+    const placed = await placedOrderJson(env.DB, orderKey).catch(() => null);
+    if (placed !== null) {
+      await commitStock(env, orderKey, lines);
+      return placed;
+    }
+  }
+  const refusal = translateWriteError(cause);
+  if (refusal instanceof AppError) {
+    // A constraint refused the batch: nothing was written, the reservations go back now.
+    await releaseStock(env, orderKey, lines);
+    // The stock CHECK refusing means an object offered stock D1 did not have: it takes D1's numbers again.
+    if (isConstraintViolation(cause, "products_stock_non_negative")) await resyncStock(env, lines);
+    throw refusal;
+  }
+  // Any other failure may have committed after all (a lost reply). The reservations are settled
+  // against D1 by the stock objects within seconds; a retry with the same Idempotency-Key continues
+  // this very order (same order key), so it can never be placed twice.
+  await settleStockSoon(env, orderKey, lines);
+  throw new OutcomeUnknownError("The order may or may not have been placed; retry with the same Idempotency-Key", {
+    cause,
+  });
+}
+
+/** Marks a failure of the order's own batch, as opposed to anything refused before it. */
+class WriteFailed extends Error {
+  constructor(cause: unknown) {
+    super("the order's batch failed", { cause });
+  }
+}
+
+interface WrittenOrder {
+  orderId: number;
+  body: string;
+  outbox: OutboxRow[];
+  createdAt: string;
+}
+
+/** D1 could not be read: nothing was written, so a plain retry is safe. */
+function unavailable(error: unknown): never {
+  if (error instanceof AppError) throw error;
+  log("error", "order: D1 read failed", describeError(error));
+  throw new AppError("SERVICE_UNAVAILABLE", "The order could not be placed right now; retry shortly");
+}
+
+async function assertProductsExist(db: D1Database, lines: StockLine[]): Promise<void> {
+  const ids = lines.map((l) => l.productId);
+  const { results } = await db
+    .prepare("SELECT id FROM products WHERE id IN (SELECT value FROM json_each(?))")
+    .bind(JSON.stringify(ids))
+    .all<{ id: number }>();
+  const found = new Set(results.map((r) => r.id));
+  const missing = ids.find((id) => !found.has(id));
+  if (missing !== undefined) throw new AppError("PRODUCT_NOT_FOUND", `Product ${missing} does not exist`);
 }
 
 async function readOrderInputs(db: D1Database, userId: number, input: PlaceOrder) {

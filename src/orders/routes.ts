@@ -1,6 +1,7 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import { actingUserId, authenticate } from "../lib/auth";
 import { idempotent } from "../lib/idempotency";
+import { runToEnd } from "../lib/run-to-end";
 import { bearer, createRouter, Id, IdempotencyKeyHeader, jsonBody, jsonResponse, jsonText, problems } from "../lib/openapi";
 import { pageQuery, pageSchema } from "../lib/pagination";
 import { queuesOf } from "./outbox";
@@ -20,13 +21,15 @@ export const orderRoutes = createRouter()
       request: { headers: IdempotencyKeyHeader, body: jsonBody(PlaceOrderBody) },
       responses: {
         200: jsonResponse(OrderSchema, "The completed order"),
-        ...problems(400, 401, 403, 404, 409, 413, 415, 422),
+        ...problems(400, 401, 403, 404, 409, 413, 415, 422, 503),
       },
     }),
     async (c) => {
       const input = c.req.valid("json");
       const userId = actingUserId(c.get("caller"), input.userId);
-      return idempotent(c, async (claim) => {
+      // The order runs to its end even if the client hangs up (Workers cancel what is not under waitUntil):
+      // from its reservation on, only its own end commits or gives back what it holds.
+      return runToEnd(c.executionCtx, idempotent(c, async (claim) => {
         const order = await placeOrder(
           {
             env: c.env,
@@ -39,7 +42,7 @@ export const orderRoutes = createRouter()
           input,
         );
         return jsonText<OrderDto>(c, order);
-      });
+      }));
     },
   )
   .openapi(
