@@ -1,4 +1,4 @@
-import { desc, eq } from "drizzle-orm";
+import { desc, eq, sql } from "drizzle-orm";
 import { products } from "../db/schema";
 import { AppError } from "../lib/errors";
 import { afterCursor, toPage, type Page, type PageQuery } from "../lib/pagination";
@@ -61,10 +61,14 @@ export async function productListBody(db: Db, cache: KVNamespace, page: PageQuer
 }
 
 export async function createProduct(db: Db, cache: KVNamespace, clock: Clock, input: CreateProduct): Promise<ProductDto> {
+  // The list is keyset-paged newest first, so a product must never be older than one already committed,
+  // or a request that read the clock early and committed late would land behind a client's cursor. The
+  // newest is read inside the INSERT (one statement, so atomic); both columns get the same value.
   const now = clock.now().toISOString();
+  const createdAt = sql<string>`max(${now}, coalesce((SELECT max(${products.createdAt}) FROM ${products}), ''))`;
   const [row] = await db
     .insert(products)
-    .values({ ...input, createdAt: now, updatedAt: now })
+    .values({ ...input, createdAt, updatedAt: createdAt })
     .returning();
   await invalidateCatalog(cache);
   return toProductDto(row!);

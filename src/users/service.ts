@@ -1,4 +1,4 @@
-import { desc, eq } from "drizzle-orm";
+import { desc, eq, sql } from "drizzle-orm";
 import { users } from "../db/schema";
 import { AppError } from "../lib/errors";
 import { afterCursor, toPage, type Page, type PageQuery } from "../lib/pagination";
@@ -22,8 +22,11 @@ export const toUserDto = (u: UserRow): UserDto => ({
 });
 
 export async function createUser(db: Db, clock: Clock, name: string): Promise<UserDto> {
+  // The user list is keyset-paged newest first: as for products, created_at is never older than the newest
+  // user already committed, read inside the INSERT, so a slow create cannot land behind a client's cursor.
   const now = clock.now().toISOString();
-  const [row] = await db.insert(users).values({ name, balance: 0, createdAt: now, updatedAt: now }).returning();
+  const createdAt = sql<string>`max(${now}, coalesce((SELECT max(${users.createdAt}) FROM ${users}), ''))`;
+  const [row] = await db.insert(users).values({ name, balance: 0, createdAt, updatedAt: createdAt }).returning();
   return toUserDto(row!);
 }
 
