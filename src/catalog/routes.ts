@@ -24,6 +24,9 @@ function cachedJson(c: Context<AppEnv>, body: string) {
   return c.body(body, 200, { "Content-Type": "application/json", "Cache-Control": "public, no-cache" });
 }
 
+/** Cache refreshes and writes outlive the response (and a client that hung up) under the request's waitUntil. */
+const waitUntilOf = (c: Context<AppEnv>) => (work: Promise<unknown>) => c.executionCtx.waitUntil(work);
+
 export const catalogRoutes = createRouter()
   .openapi(
     createRoute({
@@ -39,7 +42,7 @@ export const catalogRoutes = createRouter()
         ...problems(400),
       },
     }),
-    async (c) => cachedJson(c, await productListBody(c.get("db"), c.env.CACHE, c.req.valid("query"))),
+    async (c) => cachedJson(c, await productListBody(c.get("db"), c.env.CACHE, c.req.valid("query"), waitUntilOf(c))),
   )
   // Registered before /{productId} so "popular" is never taken for an id.
   .openapi(
@@ -51,7 +54,7 @@ export const catalogRoutes = createRouter()
       middleware: [revalidation] as const,
       responses: { 200: jsonResponse(PopularSchema, "The ranking"), ...notModified, ...problems() },
     }),
-    async (c) => cachedJson(c, await popularBody(c.get("db"), c.env.CACHE, c.get("clock").now())),
+    async (c) => cachedJson(c, await popularBody(c.get("db"), c.env.CACHE, c.get("clock").now(), waitUntilOf(c))),
   )
   .openapi(
     createRoute({

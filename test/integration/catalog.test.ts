@@ -1,6 +1,8 @@
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
+import { createApp } from "../../src/app";
 import { adminToken, call, expectProblem } from "../helpers/api";
+import { countingD1 } from "../helpers/counting-d1";
 import { makeProduct } from "../helpers/factories";
 
 type Product = { id: number; name: string; price: number; stock: number; createdAt: string; updatedAt: string };
@@ -46,6 +48,17 @@ describe("GET /api/products", () => {
     const hit = await firstPage();
     expect(listed(hit.body, product.id)?.name).toBe("Original");
     expect(hit.text).toBe(miss.text);
+  });
+
+  it("50 concurrent reads of a cold first page make one D1 query and all get the same body", async () => {
+    const product = await makeProduct();
+    const d1 = countingD1(/from "products"/);
+    const app = createApp();
+    const answers = await Promise.all(Array.from({ length: 50 }, () => d1.get(app, "/api/products?limit=77")));
+    expect(answers.every((a) => a.status === 200)).toBe(true);
+    expect(new Set(answers.map((a) => a.text)).size).toBe(1);
+    expect(listed(JSON.parse(answers[0]!.text), product.id)).toEqual(product);
+    expect(d1.count()).toBe(1);
   });
 
   it("caches each page and limit separately (a different query is a miss)", async () => {

@@ -3,6 +3,7 @@ import { describe, expect, it } from "vitest";
 import { createApp } from "../../src/app";
 import { fixedClock } from "../../src/lib/clock";
 import { call } from "../helpers/api";
+import { countingD1 } from "../helpers/counting-d1";
 import { makeProduct } from "../helpers/factories";
 
 // Each test pins its own far-future day, so its window holds only its own sales and its KV entry
@@ -106,6 +107,22 @@ describe("GET /api/products/popular", () => {
       [1, q.id, 9],
       [2, p.id, 1],
     ]);
+  });
+
+  it("at 00:00 UTC, when every reader misses the new day's entry, 50 concurrent requests make one ranking query", async () => {
+    const product = await makeProduct();
+    await recordSale("2037-08-08", product.id, 2);
+    const d1 = countingD1(/product_sales_daily/);
+    const lastMoment = createApp({ clock: fixedClock("2037-08-07T23:59:59.999Z") });
+    expect((await d1.get(lastMoment, "/api/products/popular")).status).toBe(200);
+    expect(d1.count()).toBe(1);
+
+    const midnight = createApp({ clock: fixedClock("2037-08-08T00:00:00.000Z") });
+    const answers = await Promise.all(Array.from({ length: 50 }, () => d1.get(midnight, "/api/products/popular")));
+    expect(answers.every((a) => a.status === 200)).toBe(true);
+    expect(new Set(answers.map((a) => a.text)).size).toBe(1);
+    expect(ranked(JSON.parse(answers[0]!.text))).toEqual([[1, product.id, 2]]);
+    expect(d1.count()).toBe(2);
   });
 
   it("sends Cache-Control and a strong ETag; If-None-Match with it gives a bodiless 304", async () => {
