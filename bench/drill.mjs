@@ -8,7 +8,16 @@ import { mkdirSync, openSync } from "node:fs";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
 import { startDataPlatform } from "../scripts/data-platform.mjs";
-import { ensureDevVars, QUIET_ENV, readDevVars, startWranglerDev, tokenFor, waitForHealth } from "../scripts/local.mjs";
+import {
+  ensureDevVars,
+  onShutdown,
+  QUIET_ENV,
+  readDevVars,
+  startWranglerDev,
+  stopGroup,
+  tokenFor,
+  waitForHealth,
+} from "../scripts/local.mjs";
 import { mapLimit } from "./seed.mjs";
 import { queryD1, removeState } from "./server.mjs";
 
@@ -53,14 +62,6 @@ function start() {
   return dev;
 }
 
-function kill(dev) {
-  try {
-    process.kill(-dev.pid, "SIGKILL");
-  } catch {
-    // already gone
-  }
-}
-
 async function request(method, path, token, body, headers = {}) {
   try {
     const res = await fetch(`${BASE}${path}`, {
@@ -90,6 +91,12 @@ sh(["deploy", "--dry-run", "--outdir", join(STATE, "worker")]);
 const platform = startDataPlatform(PLATFORM_PORT);
 let dev = start();
 let cron;
+// Interrupted (Ctrl-C, SIGTERM, the parent gone): stop the server as the end of the drill does, exit 128 + signal.
+onShutdown(async () => {
+  clearInterval(cron);
+  await stopGroup(dev.pid);
+  platform.close();
+});
 try {
   await waitForHealth(BASE);
   cron = setInterval(() => fetch(`${BASE}/cdn-cgi/local/scheduled?cron=*+*+*+*+*`).catch(() => {}), 5_000);
@@ -124,8 +131,9 @@ try {
     const outcome = { issue: await issue(b), order: await order(b) };
     if (++answered >= KILL_AFTER && !killed) {
       killed = true;
-      kill(dev);
-      console.log(`server killed (SIGKILL) after ${answered} buyers were answered`);
+      const n = answered;
+      await stopGroup(dev.pid, { signal: "SIGKILL" }); // the whole group: npx, wrangler, workerd
+      console.log(`server killed (SIGKILL) after ${n} buyers were answered`);
     }
     return outcome;
   });
@@ -207,7 +215,7 @@ try {
   check("stats: units counted == units sold", counted === sold.n, `${counted} counted`);
 } finally {
   clearInterval(cron);
-  kill(dev);
+  await stopGroup(dev.pid);
   platform.close();
 }
 const failed = results.filter((r) => !r.pass).length;

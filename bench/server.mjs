@@ -9,9 +9,7 @@ import { spawn, spawnSync } from "node:child_process";
 import { createWriteStream, mkdirSync, readFileSync, rmSync } from "node:fs";
 import { createServer } from "node:http";
 import { join } from "node:path";
-import { driveCron, QUIET_ENV, startWranglerDev, waitForHealth } from "../scripts/local.mjs";
-
-const STOP_GRACE_MS = 5_000;
+import { driveCron, killDevServers, QUIET_ENV, startWranglerDev, stopGroup, waitForHealth } from "../scripts/local.mjs";
 
 async function isPortFree(port) {
   return new Promise((resolve) => {
@@ -88,7 +86,6 @@ export async function startBenchServer({ port: wantedPort, stateDir }) {
   });
   dev.stdout.pipe(log);
   dev.stderr.pipe(log);
-  running.add(dev.pid);
 
   const baseUrl = `http://127.0.0.1:${port}`;
   let cron = null;
@@ -104,7 +101,7 @@ export async function startBenchServer({ port: wantedPort, stateDir }) {
 
   async function stop() {
     clearInterval(cron);
-    await stopGroup(dev.pid);
+    await stopGroup(dev.pid); // the whole group (npx, wrangler, workerd): SIGINT, SIGKILL after 5 s
     sink.closeAllConnections();
     await sink.close();
     log.end();
@@ -122,37 +119,8 @@ export async function startBenchServer({ port: wantedPort, stateDir }) {
   return { baseUrl, port, stateDir, exportsReceived: sink.received, reloads, logTail: () => tail(logFile), stop };
 }
 
-// Process groups of the dev servers started here, so an interrupted bench leaves none behind.
-const running = new Set();
-
-function signalGroup(pid, signal) {
-  try {
-    process.kill(-pid, signal);
-    return true;
-  } catch {
-    return false; // the whole group is gone
-  }
-}
-
-/** Spawned detached: the negative pid reaches npx, wrangler and both workerd processes. */
-async function stopGroup(pid) {
-  if (!running.delete(pid)) return;
-  signalGroup(pid, "SIGINT");
-  const deadline = Date.now() + STOP_GRACE_MS;
-  while (signalGroup(pid, 0)) {
-    if (Date.now() > deadline) {
-      signalGroup(pid, "SIGKILL");
-      break;
-    }
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
-/** For an interrupt: signals every dev server started here, without waiting (they stop on their own). */
-export function signalRunningServers() {
-  for (const pid of running) signalGroup(pid, "SIGINT");
-  running.clear();
-}
+/** For an interrupt, just before the process exits: SIGKILLs every dev server started here. */
+export const signalRunningServers = killDevServers;
 
 function tail(file, lines = 15) {
   try {

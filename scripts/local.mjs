@@ -1,7 +1,9 @@
-// Shared by the local scripts (start, token, bench): the .dev.vars file, token signing, wrangler.
+// Shared by the local scripts (start, token, bench, drill): the .dev.vars file, token signing, wrangler, and
+// starting and stopping `wrangler dev` as a process group.
 import { randomBytes } from "node:crypto";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { spawn, spawnSync } from "node:child_process";
+import { constants } from "node:os";
 import { sign } from "hono/jwt";
 
 export const DEV_VARS = ".dev.vars";
@@ -46,12 +48,88 @@ export function wrangler(args, options = {}) {
   if (result.status !== 0) throw new Error(`wrangler ${args.join(" ")} failed with ${result.status}`);
 }
 
+// Process groups of the dev servers started here and not yet seen gone; whatever is left dies with the script.
+const groups = new Set();
+process.on("exit", () => killDevServers());
+
+/** SIGKILLs every dev server started here that stopGroup() has not seen gone (no waiting). */
+export function killDevServers() {
+  for (const pid of groups) signalGroup(pid, "SIGKILL");
+  groups.clear();
+}
+
+/**
+ * Spawns `wrangler dev` detached: npx, wrangler, esbuild and both workerd processes form their own process group
+ * (its id is `dev.pid`), which stopGroup() ends as a whole. A script that exits without stopping it (an exception,
+ * process.exit) SIGKILLs the group on its way out, so no server outlives the script that started it.
+ */
 export function startWranglerDev({ port, persistTo, stdio = "inherit", extraArgs = [] }) {
-  return spawn(
+  const dev = spawn(
     "npx",
     ["wrangler", "dev", "--ip", "127.0.0.1", "--port", String(port), "--persist-to", persistTo, "--test-scheduled", ...extraArgs],
     { stdio, env: QUIET_ENV, detached: process.platform !== "win32" },
   );
+  if (dev.pid !== undefined) groups.add(dev.pid);
+  return dev;
+}
+
+/** Sends `signal` to every process of the group led by `pid`; false if none is left (0 only asks). */
+export function signalGroup(pid, signal) {
+  try {
+    process.kill(-pid, signal);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Stops the process group led by `pid` (a child spawned detached, e.g. by startWranglerDev): `signal` to every
+ * member, SIGKILL to what is left after `graceMs`. Resolves true once no member is left (false if some still were
+ * 2 s after the SIGKILL).
+ */
+export async function stopGroup(pid, { signal = "SIGINT", graceMs = 5_000 } = {}) {
+  if (signalGroup(pid, signal) && !(await groupGone(pid, graceMs))) {
+    signalGroup(pid, "SIGKILL");
+    return groupGone(pid, 2_000);
+  }
+  return groupGone(pid, 0);
+}
+
+async function groupGone(pid, ms) {
+  const deadline = Date.now() + ms;
+  while (signalGroup(pid, 0)) {
+    if (Date.now() >= deadline) return false;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  groups.delete(pid);
+  return true;
+}
+
+/**
+ * Calls `stop(signal)` once, on SIGINT, SIGTERM or SIGHUP, or with "SIGHUP" when the parent process dies, then exits
+ * 128 + the signal's number. (`npm start` is npm → sh → node: a SIGTERM to npm's pid ends npm and its shell without
+ * reaching node, which is only re-parented; a Ctrl-C reaches node itself.) Another signal while stopping exits at
+ * once, and that exit SIGKILLs the dev servers' groups. Returns `shutdown(signal, exitCode)`, for other reasons.
+ */
+export function onShutdown(stop) {
+  const parent = process.ppid;
+  let stopping = false;
+  const shutdown = async (signal, code = 128 + constants.signals[signal]) => {
+    if (stopping) return;
+    stopping = true;
+    clearInterval(watch);
+    try {
+      await stop(signal);
+    } finally {
+      process.exit(code);
+    }
+  };
+  for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"]) {
+    process.on(signal, () => (stopping ? process.exit(128 + constants.signals[signal]) : shutdown(signal)));
+  }
+  const watch = setInterval(() => process.ppid !== parent && shutdown("SIGHUP"), 500).unref();
+  return shutdown;
 }
 
 export async function waitForHealth(baseUrl, timeoutMs = 120_000) {
