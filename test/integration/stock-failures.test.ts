@@ -1,11 +1,10 @@
-import { runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
+import { evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { env, exports } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
-import type { ProductStock } from "../../src/inventory/product-stock";
-import { call, tokenFor } from "../helpers/api";
-import { all, fund, one } from "../helpers/db";
-import { makeProduct, makeUser } from "../helpers/factories";
-import { gate, inject } from "../helpers/faults";
+import { call, expectProblem, tokenFor } from "../helpers/api";
+import { all, fund, one, walletInvariant } from "../helpers/db";
+import { makeCoupon, makeProduct, makeUser } from "../helpers/factories";
+import { d1Down, gate, inject } from "../helpers/faults";
 
 // The failure paths of the stock objects, each with its fault injected here and the invariant then
 // checked in D1 and in the object.
@@ -67,3 +66,183 @@ describe("a client that hangs up mid-order", () => {
     expect(await all("SELECT user_id FROM orders WHERE user_id = ?", quitter!.id)).toHaveLength(1);
   });
 });
+
+const alarmOf = (productId: number) => runInDurableObject(stockObject(productId), (_instance, state) => state.storage.getAlarm());
+const expireReservations = (productId: number) =>
+  runInDurableObject(stockObject(productId), (_instance, state) => {
+    state.storage.sql.exec("UPDATE reservations SET expires_at = 0");
+  });
+
+async function sellOneEach(productId: number, count: number) {
+  const crowd = await Promise.all(Array.from({ length: count }, () => buyer()));
+  return Promise.all(crowd.map((b) => call("POST", "/api/orders", { token: b.token, body: { items: [{ productId, quantity: 1 }] } })));
+}
+
+describe("the settlement alarm", () => {
+  it("outlasts D1 failing for longer than the runtime's alarm retries, then settles; the stock sells out exactly", async () => {
+    const product = await makeProduct({ price: 100, stock: 3 });
+    const stub = stockObject(product.id);
+    // A Worker reserved 2 units and was never heard from again.
+    expect(await stub.reserve(product.id, "vanished-order", 2)).toMatchObject({ ok: true, available: 1 });
+    await expireReservations(product.id);
+
+    const restore = inject(env.DB, "prepare", () => () => {
+      throw d1Down();
+    });
+    try {
+      // Workers retry a throwing alarm about six times; this one must keep itself alive past that.
+      for (let attempt = 0; attempt < 8; attempt++) {
+        await runDurableObjectAlarm(stub);
+        expect(await alarmOf(product.id)).not.toBeNull();
+      }
+    } finally {
+      restore();
+    }
+    // Nothing was settled while D1 was down, and nothing was lost either.
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 3, reserved: 2, available: 1 });
+
+    expect(await runDurableObjectAlarm(stub)).toBe(true);
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 3, reserved: 0, available: 3 });
+    expect((await sellOneEach(product.id, 4)).map((r) => r.status).sort()).toEqual([200, 200, 200, 400]);
+    expect(await soldUnits(product.id)).toEqual({ stock: 0, units: 3 });
+    await expect.poll(() => stub.snapshot(product.id)).toEqual({ stock: 0, reserved: 0, available: 0 });
+  });
+
+  it("is set again on a new life that finds reservations left", async () => {
+    const product = await makeProduct({ stock: 5 });
+    const stub = stockObject(product.id);
+    await stub.reserve(product.id, "left-behind", 1);
+    await runInDurableObject(stub, (_instance, state) => state.storage.deleteAlarm());
+    await evictDurableObject(stub);
+
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 1, available: 4 });
+    expect(await alarmOf(product.id)).not.toBeNull();
+  });
+
+  it("is never trusted unset: a refused setAlarm refuses the reservation (503) and holds nothing", async () => {
+    const product = await makeProduct({ price: 100, stock: 2 });
+    const stub = stockObject(product.id);
+    await stub.snapshot(product.id);
+    const [first] = await Promise.all([buyer()]);
+    await runInDurableObject(stub, (_instance, state) => {
+      inject(state.storage, "setAlarm", () => () => Promise.reject(new Error("storage refused the alarm (injected)")));
+    });
+    const refused = await call("POST", "/api/orders", { token: first!.token, body: { items: [{ productId: product.id, quantity: 1 }] } });
+    expectProblem(refused, 503, "SERVICE_UNAVAILABLE");
+    expect(refused.headers.get("Retry-After")).toBe("1");
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 2, reserved: 0, available: 2 });
+    expect(await soldUnits(product.id)).toEqual({ stock: 2, units: 0 });
+
+    await runInDurableObject(stub, (_instance, state) => {
+      delete (state.storage as unknown as Record<string, unknown>).setAlarm;
+    });
+    expect((await sellOneEach(product.id, 2)).map((r) => r.status)).toEqual([200, 200]);
+    await expect.poll(() => stub.snapshot(product.id)).toEqual({ stock: 0, reserved: 0, available: 0 });
+  });
+});
+
+describe("the object never drifts from D1", () => {
+  it("an order key reserved again after its order committed (an idempotent takeover) is subtracted once", async () => {
+    const product = await makeProduct({ price: 100, stock: 5 });
+    const stub = stockObject(product.id);
+    const winner = await buyer();
+    // Run 1 of a keyed order commits; run 2 (which took the claim over and found no order yet) reserves again.
+    const placed = await call("POST", "/api/orders", {
+      token: winner.token,
+      headers: { "Idempotency-Key": "takeover" },
+      body: { items: [{ productId: product.id, quantity: 1 }] },
+    });
+    expect(placed.status).toBe(200);
+    const { order_key } = await one<{ order_key: string }>("SELECT order_key FROM orders WHERE id = ?", placed.body.id);
+    await expect.poll(() => stub.snapshot(product.id)).toEqual({ stock: 4, reserved: 0, available: 4 });
+
+    await stub.reserve(product.id, order_key, 1);
+    // Run 2's batch meets the order key, and it confirms; or it dies and the alarm settles the key.
+    await stub.commit(product.id, order_key);
+    await stub.reserve(product.id, order_key, 1);
+    await expireReservations(product.id);
+    await runDurableObjectAlarm(stub);
+
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 4, reserved: 0, available: 4 });
+    expect(await soldUnits(product.id)).toEqual({ stock: 4, units: 1 });
+    expect((await sellOneEach(product.id, 5)).filter((r) => r.status === 200)).toHaveLength(4);
+    expect(await soldUnits(product.id)).toEqual({ stock: 0, units: 5 });
+  });
+
+  it("a stock CHECK refusal re-syncs the object with D1", async () => {
+    const product = await makeProduct({ price: 100, stock: 3 });
+    const stub = stockObject(product.id);
+    await stub.snapshot(product.id);
+    // Behind the object's back, D1 loses two units: the object now offers stock D1 does not have.
+    await env.DB.prepare("UPDATE products SET stock = 1 WHERE id = ?").bind(product.id).run();
+
+    const results = await sellOneEach(product.id, 3);
+    expect(results.filter((r) => r.status === 200)).toHaveLength(1);
+    expect(results.filter((r) => r.body?.code === "OUT_OF_STOCK")).toHaveLength(2);
+    expect(await soldUnits(product.id)).toEqual({ stock: 0, units: 1 });
+    await expect.poll(() => stub.snapshot(product.id)).toEqual({ stock: 0, reserved: 0, available: 0 });
+  });
+});
+
+describe("an object that fails the call", () => {
+  type StockStub = ReturnType<typeof stockObject>;
+  /** Stock objects whose `reserve` throws, before or after it took effect. */
+  function failingReserve(mode: "before" | "after"): () => void {
+    return inject(env.PRODUCT_STOCK, "get", (get) => (id) => {
+      const stub = get(id) as StockStub;
+      return {
+        reserve: async (...args: Parameters<StockStub["reserve"]>) => {
+          if (mode === "after") await stub.reserve(...args);
+          throw Object.assign(new Error("Durable Object is overloaded (injected)"), { overloaded: true });
+        },
+        release: (...args: Parameters<StockStub["release"]>) => stub.release(...args),
+        commit: (...args: Parameters<StockStub["commit"]>) => stub.commit(...args),
+        settleSoon: (...args: Parameters<StockStub["settleSoon"]>) => stub.settleSoon(...args),
+        resync: (...args: Parameters<StockStub["resync"]>) => stub.resync(...args),
+      } as unknown as ReturnType<typeof get>;
+    });
+  }
+
+  for (const mode of ["before", "after"] as const) {
+    it(`answers 503 with Retry-After and holds nothing when it fails ${mode} reserving`, async () => {
+      const product = await makeProduct({ price: 100, stock: 2 });
+      const user = await buyer();
+      const restore = failingReserve(mode);
+      let res;
+      try {
+        res = await call("POST", "/api/orders", { token: user.token, body: { items: [{ productId: product.id, quantity: 2 }] } });
+      } finally {
+        restore();
+      }
+      expectProblem(res, 503, "SERVICE_UNAVAILABLE");
+      expect(res.headers.get("Retry-After")).toBe("1");
+      expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 2, reserved: 0, available: 2 });
+      expect(await soldUnits(product.id)).toEqual({ stock: 2, units: 0 });
+      expect(await walletInvariantOf(user.id)).toBe(100_000);
+    });
+  }
+
+  it("a coupon gate that fails answers 503 with Retry-After", async () => {
+    const coupon = await makeCoupon({ totalQuantity: 5 });
+    const user = await buyer();
+    const restore = inject(env.COUPON_GATE, "getByName", () => () => {
+      throw Object.assign(new Error("Durable Object reset because its code was updated (injected)"), { retryable: true });
+    });
+    let res;
+    try {
+      res = await call("POST", `/api/coupons/${coupon.id}/issue`, { token: user.token, body: {} });
+    } finally {
+      restore();
+    }
+    expectProblem(res, 503, "SERVICE_UNAVAILABLE");
+    expect(res.headers.get("Retry-After")).toBe("1");
+    expect(await one("SELECT issued_count FROM coupons WHERE id = ?", coupon.id)).toEqual({ issued_count: 0 });
+  });
+});
+
+async function walletInvariantOf(userId: number): Promise<number> {
+  const wallet = await walletInvariant(userId);
+  expect(wallet.ledger).toBe(wallet.balance);
+  expect(wallet.newest).toBe(wallet.balance);
+  return wallet.balance;
+}
