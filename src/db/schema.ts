@@ -45,6 +45,8 @@ export const walletTransactions = sqliteTable(
     ),
     check("wallet_transactions_balance_after", sql`${t.balanceAfter} >= 0`),
     index("wallet_transactions_user_newest_idx").on(t.userId, t.createdAt, t.id),
+    // A cancelled order is refunded once, however many cancels race.
+    uniqueIndex("wallet_transactions_one_refund_uq").on(t.orderId).where(sql`${t.type} = 'REFUND'`),
   ],
 );
 
@@ -55,12 +57,15 @@ export const products = sqliteTable(
     name: text("name").notNull(),
     price: integer("price").notNull(),
     stock: integer("stock").notNull(),
+    // At most this many units per user over their non-cancelled orders; null: no limit.
+    maxPerUser: integer("max_per_user"),
     createdAt: text("created_at").notNull(),
     updatedAt: text("updated_at").notNull(),
   },
   (t) => [
     check("products_price_non_negative", sql`${t.price} >= 0`),
     check("products_stock_non_negative", sql`${t.stock} >= 0`),
+    check("products_max_per_user", sql`${t.maxPerUser} IS NULL OR ${t.maxPerUser} >= 1`),
     index("products_newest_idx").on(t.createdAt, t.id),
   ],
 );
@@ -85,6 +90,30 @@ export const statsCountedOrders = sqliteTable("stats_counted_orders", {
   countedAt: text("counted_at").notNull(),
 });
 
+// The same for cancellations: an order's units leave the statistics once.
+export const statsCountedCancellations = sqliteTable("stats_counted_cancellations", {
+  orderId: integer("order_id").primaryKey(),
+  countedAt: text("counted_at").notNull(),
+});
+
+// Units of a product a user holds in non-cancelled orders, kept in each order's and each cancellation's
+// batch. The product's limit is copied in on every purchase, so the CHECK is the last line of defence
+// for purchase limits as CHECK (stock >= 0) is for stock.
+export const userProductPurchases = sqliteTable(
+  "user_product_purchases",
+  {
+    userId: integer("user_id").notNull().references(() => users.id),
+    productId: integer("product_id").notNull().references(() => products.id),
+    quantity: integer("quantity").notNull(),
+    maxPerUser: integer("max_per_user"),
+  },
+  (t) => [
+    primaryKey({ columns: [t.userId, t.productId] }),
+    check("user_product_purchases_quantity", sql`${t.quantity} >= 0`),
+    check("user_product_purchases_within_limit", sql`${t.maxPerUser} IS NULL OR ${t.quantity} <= ${t.maxPerUser}`),
+  ],
+);
+
 export const coupons = sqliteTable(
   "coupons",
   {
@@ -93,6 +122,8 @@ export const coupons = sqliteTable(
     discountType: text("discount_type", { enum: ["FIXED", "PERCENT"] }).notNull(),
     discountValue: integer("discount_value").notNull(),
     minOrderAmount: integer("min_order_amount").notNull().default(0),
+    // PERCENT only: the discount never passes it.
+    maxDiscountAmount: integer("max_discount_amount"),
     totalQuantity: integer("total_quantity").notNull(),
     issuedCount: integer("issued_count").notNull().default(0),
     issueStartsAt: text("issue_starts_at"),
@@ -107,6 +138,10 @@ export const coupons = sqliteTable(
       sql`${t.discountValue} >= 1 AND (${t.discountType} = 'FIXED' OR ${t.discountValue} <= 100)`,
     ),
     check("coupons_min_order_amount", sql`${t.minOrderAmount} >= 0`),
+    check(
+      "coupons_max_discount_amount",
+      sql`${t.maxDiscountAmount} IS NULL OR (${t.discountType} = 'PERCENT' AND ${t.maxDiscountAmount} >= 1)`,
+    ),
     check("coupons_total_quantity", sql`${t.totalQuantity} >= 1`),
     check("coupons_issued_within_total", sql`${t.issuedCount} >= 0 AND ${t.issuedCount} <= ${t.totalQuantity}`),
     check("coupons_valid_days", sql`${t.validDays} >= 1`),
@@ -140,22 +175,25 @@ export const orders = sqliteTable(
     // reservation that outlived its Worker) can find the order without knowing its id.
     orderKey: text("order_key").notNull(),
     userId: integer("user_id").notNull().references(() => users.id),
-    status: text("status", { enum: ["COMPLETED"] }).notNull().default("COMPLETED"),
+    status: text("status", { enum: ["COMPLETED", "CANCELLED"] }).notNull().default("COMPLETED"),
     totalAmount: integer("total_amount").notNull(),
     discountAmount: integer("discount_amount").notNull(),
     paidAmount: integer("paid_amount").notNull(),
     userCouponId: integer("user_coupon_id").references(() => userCoupons.id),
     createdAt: text("created_at").notNull(),
+    cancelledAt: text("cancelled_at"),
+    cancelReason: text("cancel_reason"),
   },
   (t) => [
-    check("orders_status", sql`${t.status} IN ('COMPLETED')`),
+    check("orders_status", sql`${t.status} IN ('COMPLETED', 'CANCELLED')`),
+    check("orders_cancelled_at", sql`(${t.status} = 'CANCELLED') = (${t.cancelledAt} IS NOT NULL)`),
     check(
       "orders_amounts",
       sql`${t.totalAmount} >= 0 AND ${t.discountAmount} >= 0 AND ${t.discountAmount} <= ${t.totalAmount} AND ${t.paidAmount} = ${t.totalAmount} - ${t.discountAmount}`,
     ),
     uniqueIndex("orders_order_key_uq").on(t.orderKey),
-    // A user coupon pays for at most one order.
-    uniqueIndex("orders_user_coupon_uq").on(t.userCouponId),
+    // A user coupon pays for at most one order at a time (a cancellation gives it back).
+    uniqueIndex("orders_user_coupon_uq").on(t.userCouponId).where(sql`${t.status} = 'COMPLETED'`),
     index("orders_user_newest_idx").on(t.userId, t.createdAt, t.id),
   ],
 );
@@ -187,6 +225,8 @@ export const outbox = sqliteTable(
     id: integer("id").primaryKey({ autoIncrement: true }),
     orderId: integer("order_id").notNull().references(() => orders.id),
     topic: text("topic", { enum: ["stats", "export"] }).notNull(),
+    // What happened to the order: placed, or cancelled. Each has its own stats and export message.
+    event: text("event", { enum: ["PLACED", "CANCELLED"] }).notNull().default("PLACED"),
     payload: text("payload").notNull(),
     createdAt: text("created_at").notNull(),
     dispatchedAt: text("dispatched_at"),
@@ -194,7 +234,8 @@ export const outbox = sqliteTable(
   },
   (t) => [
     check("outbox_topic", sql`${t.topic} IN ('stats', 'export')`),
-    uniqueIndex("outbox_order_topic_uq").on(t.orderId, t.topic),
+    check("outbox_event", sql`${t.event} IN ('PLACED', 'CANCELLED')`),
+    uniqueIndex("outbox_order_topic_event_uq").on(t.orderId, t.topic, t.event),
     index("outbox_undispatched_idx").on(t.dispatchedAt, t.createdAt),
     // Only unfinished rows are indexed: the relay's scans stay proportional to the work in flight.
     index("outbox_incomplete_idx").on(t.dispatchedAt).where(sql`${t.completedAt} IS NULL`),
@@ -207,6 +248,7 @@ export const orderExports = sqliteTable(
   {
     id: integer("id").primaryKey({ autoIncrement: true }),
     orderId: integer("order_id").notNull().references(() => orders.id),
+    event: text("event", { enum: ["PLACED", "CANCELLED"] }).notNull().default("PLACED"),
     status: text("status", { enum: ["PENDING", "SENT", "FAILED"] }).notNull().default("PENDING"),
     attempts: integer("attempts").notNull().default(0),
     lastError: text("last_error"),
@@ -216,7 +258,8 @@ export const orderExports = sqliteTable(
   },
   (t) => [
     check("order_exports_status", sql`${t.status} IN ('PENDING', 'SENT', 'FAILED')`),
-    uniqueIndex("order_exports_order_uq").on(t.orderId),
+    check("order_exports_event", sql`${t.event} IN ('PLACED', 'CANCELLED')`),
+    uniqueIndex("order_exports_order_event_uq").on(t.orderId, t.event),
     index("order_exports_status_newest_idx").on(t.status, t.createdAt, t.id),
     index("order_exports_newest_idx").on(t.createdAt, t.id),
   ],

@@ -47,6 +47,7 @@ export interface ProductRecord {
   name: string;
   price: number;
   stock: number;
+  maxPerUser: number | null;
   createdAt: string;
   updatedAt: string;
 }
@@ -148,7 +149,7 @@ export class ProductStock extends DurableObject<Env> {
     try {
       const row = await this.env.DB.prepare(
         `UPDATE products SET stock = stock + ?1, name = coalesce(?2, name), price = coalesce(?3, price), updated_at = ?4
-         WHERE id = ?5 RETURNING id, name, price, stock, created_at AS createdAt, updated_at AS updatedAt`,
+         WHERE id = ?5 RETURNING id, name, price, stock, max_per_user AS maxPerUser, created_at AS createdAt, updated_at AS updatedAt`,
       )
         .bind(delta, patch.name ?? null, patch.price ?? null, patch.updatedAt, productId)
         .first<ProductRecord>();
