@@ -1,9 +1,12 @@
--- Rebuilds (orders, order_exports, outbox, coupons, products: SQLite cannot change a CHECK in place)
--- copy the rows aside, drop the table, create it under its own name and insert the rows back. D1 runs
--- a migration as one transaction with foreign keys enforced, where PRAGMA foreign_keys=OFF does nothing:
--- dropping a parent table counts its children as violations, and only inserting their parents back into
--- a table of that name clears them, so drizzle-kit's create-new-then-rename order would fail on data;
--- the checks are deferred to the commit, when every child has its parent again.
+-- Rewrites drizzle-kit's SQLite table rebuilds into an order D1 accepts on tables that hold rows.
+--
+-- drizzle-kit rebuilds a table as: CREATE __new_t; INSERT INTO __new_t SELECT FROM t; DROP t; RENAME
+-- __new_t TO t, wrapped in PRAGMA foreign_keys=OFF/ON. D1 runs a migration as one transaction with
+-- foreign keys enforced, where foreign_keys=OFF does nothing: dropping a parent table counts its
+-- children as violations, and only rows inserted into a table of that very name clear them. So each
+-- rebuild becomes: copy aside, drop, create under the real name, insert back, drop the copy; with the
+-- checks deferred to the commit. drizzle-kit also selects newly added columns from the old table; those
+-- are left to their defaults.
 PRAGMA defer_foreign_keys = on;--> statement-breakpoint
 CREATE TABLE `stats_counted_cancellations` (
 	`order_id` integer PRIMARY KEY NOT NULL,
@@ -48,6 +51,20 @@ DROP TABLE `__copy_orders`;--> statement-breakpoint
 CREATE UNIQUE INDEX `orders_order_key_uq` ON `orders` (`order_key`);--> statement-breakpoint
 CREATE UNIQUE INDEX `orders_user_coupon_uq` ON `orders` (`user_coupon_id`) WHERE "orders"."status" = 'COMPLETED';--> statement-breakpoint
 CREATE INDEX `orders_user_newest_idx` ON `orders` (`user_id`,`created_at`,`id`);--> statement-breakpoint
+CREATE TABLE `__copy_users` AS SELECT * FROM `users`;--> statement-breakpoint
+DROP TABLE `users`;--> statement-breakpoint
+CREATE TABLE `users` (
+	`id` integer PRIMARY KEY AUTOINCREMENT NOT NULL,
+	`name` text NOT NULL,
+	`balance` integer DEFAULT 0 NOT NULL,
+	`created_at` text NOT NULL,
+	`updated_at` text NOT NULL,
+	CONSTRAINT "users_balance_non_negative" CHECK("users"."balance" >= 0)
+);
+--> statement-breakpoint
+INSERT INTO `users`("id", "name", "balance", "created_at", "updated_at") SELECT "id", "name", "balance", "created_at", "updated_at" FROM `__copy_users`;--> statement-breakpoint
+DROP TABLE `__copy_users`;--> statement-breakpoint
+CREATE INDEX `users_newest_idx` ON `users` (`created_at`,`id`);--> statement-breakpoint
 CREATE TABLE `__copy_order_exports` AS SELECT * FROM `order_exports`;--> statement-breakpoint
 DROP TABLE `order_exports`;--> statement-breakpoint
 CREATE TABLE `order_exports` (

@@ -17,7 +17,8 @@ export const users = sqliteTable(
   },
   (t) => [
     check("users_balance_non_negative", sql`${t.balance} >= 0`),
-    check("users_balance_within_limit", sql`${t.balance} <= 10000000`),
+    // No upper bound here: BALANCE_LIMIT bounds charges (their guarded UPDATE), and a refund is never
+    // refused for it.
     index("users_newest_idx").on(t.createdAt, t.id),
   ],
 );
