@@ -26,22 +26,48 @@ export interface PendingIssue {
   expiresAt: string;
 }
 
-/** The coupon and everyone who holds it, or null when there is no such coupon. */
+const COUPON_TERMS = `SELECT id, name, discount_type, discount_value, min_order_amount, total_quantity, issued_count,
+                             issue_starts_at, issue_ends_at, valid_days
+                      FROM coupons WHERE id = ?`;
+
+/** User ids per lookup statement: about 80 KB of JSON, far inside D1's limit on one bound value. */
+const IDS_PER_LOOKUP = 10_000;
+
+/** The coupon and everyone who holds it, or null when there is no such coupon. O(holders): the rebuild. */
 export async function readGateSnapshot(db: D1Database, couponId: number): Promise<GateSnapshot | null> {
   // One batch is one transaction: the count and the holders come from the same moment.
   const [coupon, holders] = await db.batch<Record<string, unknown>>([
-    db
-      .prepare(
-        `SELECT id, name, discount_type, discount_value, min_order_amount, total_quantity, issued_count,
-                issue_starts_at, issue_ends_at, valid_days
-         FROM coupons WHERE id = ?`,
-      )
-      .bind(couponId),
+    db.prepare(COUPON_TERMS).bind(couponId),
     db.prepare("SELECT user_id FROM user_coupons WHERE coupon_id = ?").bind(couponId),
   ]);
   const row = coupon?.results[0] as CouponTerms | undefined;
   if (!row) return null;
   return { coupon: row, holders: (holders?.results ?? []).map((r) => r.user_id as number) };
+}
+
+export interface PendingOutcome {
+  coupon: CouponTerms;
+  /** Those of the asked users who hold the coupon in D1. */
+  committed: Set<number>;
+}
+
+/**
+ * The coupon and which of `userIds` hold it, or null when there is no such coupon: O(userIds) rows read,
+ * each user found through the UNIQUE (coupon_id, user_id) index.
+ */
+export async function readPendingOutcome(db: D1Database, couponId: number, userIds: number[]): Promise<PendingOutcome | null> {
+  const lookup = db.prepare(
+    "SELECT user_id FROM user_coupons WHERE coupon_id = ? AND user_id IN (SELECT value FROM json_each(?))",
+  );
+  const lookups: D1PreparedStatement[] = [];
+  for (let i = 0; i < userIds.length; i += IDS_PER_LOOKUP) {
+    lookups.push(lookup.bind(couponId, JSON.stringify(userIds.slice(i, i + IDS_PER_LOOKUP))));
+  }
+  // One transaction again: the count and the pending users' rows come from the same moment.
+  const [coupon, ...found] = await db.batch<Record<string, unknown>>([db.prepare(COUPON_TERMS).bind(couponId), ...lookups]);
+  const row = coupon?.results[0] as CouponTerms | undefined;
+  if (!row) return null;
+  return { coupon: row, committed: new Set(found.flatMap((r) => r.results.map((u) => u.user_id as number))) };
 }
 
 /**

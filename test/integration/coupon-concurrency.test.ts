@@ -1,48 +1,19 @@
 import { abortAllDurableObjects, evictDurableObject, runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
-import type { CouponGate } from "../../src/coupons/coupon-gate";
-import { call, tokenFor, type ApiResponse } from "../helpers/api";
+import {
+  codes,
+  gateHolds,
+  gateOf as gate,
+  gateStorage,
+  issueAll,
+  landBehindTheObjectsBack,
+  ledger,
+} from "../helpers/coupon-gate";
 import { makeCoupon, makeUser } from "../helpers/factories";
+import { d1Down, inject } from "../helpers/faults";
 
 const makeUsers = (n: number) => Promise.all(Array.from({ length: n }, () => makeUser()));
-
-async function issueAll(couponId: number, userIds: number[]): Promise<ApiResponse[]> {
-  const tokens = await Promise.all(userIds.map((id) => tokenFor(id)));
-  return Promise.all(tokens.map((token) => call("POST", `/api/coupons/${couponId}/issue`, { token, body: {} })));
-}
-
-const codes = (responses: ApiResponse[]) =>
-  responses.reduce<Record<string, number>>((tally, r) => {
-    const key = r.status === 200 ? "OK" : r.body.code;
-    tally[key] = (tally[key] ?? 0) + 1;
-    return tally;
-  }, {});
-
-/** D1's view of a coupon: its count, its rows, and how many distinct users those rows name. */
-async function ledger(couponId: number) {
-  const coupon = await env.DB.prepare("SELECT issued_count, total_quantity FROM coupons WHERE id = ?").bind(couponId).first<{
-    issued_count: number;
-    total_quantity: number;
-  }>();
-  const rows = await env.DB.prepare("SELECT id, user_id FROM user_coupons WHERE coupon_id = ?")
-    .bind(couponId)
-    .all<{ id: number; user_id: number }>();
-  const holders = rows.results.map((r) => r.user_id);
-  return { issuedCount: coupon!.issued_count, total: coupon!.total_quantity, rows: rows.results, holders, distinct: new Set(holders).size };
-}
-
-const gate = (couponId: number) => env.COUPON_GATE.getByName(String(couponId));
-
-/** A row as a batch from the object's previous life would write it, landing after this life loaded. */
-async function landBehindTheObjectsBack(couponId: number, userId: number): Promise<void> {
-  await env.DB.batch([
-    env.DB.prepare(
-      "INSERT INTO user_coupons (coupon_id, user_id, status, issued_at, expires_at) VALUES (?, ?, 'AVAILABLE', ?, ?)",
-    ).bind(couponId, userId, "2026-01-01T00:00:00.000Z", "2026-02-01T00:00:00.000Z"),
-    env.DB.prepare("UPDATE coupons SET issued_count = issued_count + 1 WHERE id = ?").bind(couponId),
-  ]);
-}
 
 describe("first come, first served under a stampede", () => {
   it("300 users racing for 100 pieces: exactly 100 issued, 200 sold out", async () => {
@@ -101,16 +72,28 @@ describe("first come, first served under a stampede", () => {
 });
 
 describe("a D1 failure during a group commit", () => {
-  it("fails that group's callers, undoes their admissions, and leaves the object agreeing with D1", async () => {
+  it("a batch D1 refuses after its inserts ran fails its callers, undoes their admissions, and the object agrees with D1", async () => {
     const coupon = await makeCoupon({ totalQuantity: 3 });
     const [victim, ...others] = await makeUsers(4);
-    const stub = gate(coupon.id);
+    // Warm the object (a missing user takes no piece), so the poisoned batch is a group commit, not its first read.
+    expect((await issueAll(coupon.id, [900_000_009]))[0]!.body.code).toBe("USER_NOT_FOUND");
 
-    await runInDurableObject(stub, (instance: CouponGate) => instance.failNextFlush());
-    const [failed] = await issueAll(coupon.id, [victim!.id]);
+    // A statement D1 rejects (a CHECK) after the group's inserts, so D1 rolls them back.
+    const restore = inject(env.DB, "batch", (batch) =>
+      ((statements: D1PreparedStatement[]) =>
+        batch([...statements, env.DB.prepare("UPDATE coupons SET valid_days = 0 WHERE id = ?").bind(coupon.id)])) as typeof batch,
+    );
+    let failed;
+    try {
+      [failed] = await issueAll(coupon.id, [victim!.id]);
+    } finally {
+      restore();
+    }
     expect(failed!.status).toBe(503);
     expect(failed!.body.code).toBe("SERVICE_UNAVAILABLE");
     expect(await ledger(coupon.id)).toMatchObject({ issuedCount: 0, rows: [] });
+    // A refusal is a known outcome: undone at once, nothing left pending.
+    expect(await gateStorage(coupon.id)).toMatchObject({ issuedCount: 0, holderCount: 0, pending: [] });
 
     // The failed user was not left holding it, and the piece went back: all 3 can still go, and no more.
     const again = await issueAll(coupon.id, [victim!.id]);
@@ -119,18 +102,30 @@ describe("a D1 failure during a group commit", () => {
     const d1 = await ledger(coupon.id);
     expect(d1).toMatchObject({ issuedCount: 3, distinct: 3 });
     expect(d1.rows).toHaveLength(3);
+    expect(await gateStorage(coupon.id)).toMatchObject({ issuedCount: 3, holderCount: 3, pending: [] });
   });
 
-  it("under load: every caller who got an error is absent from D1, every winner present, and the rest still issue", async () => {
+  it("under load, D1 down for one batch: every caller who got an error is absent from D1, every winner present, and the rest still issue", async () => {
     const coupon = await makeCoupon({ totalQuantity: 30 });
     const users = (await makeUsers(40)).map((u) => u.id);
-    const stub = gate(coupon.id);
     // Warm the object so the storm meets group commits rather than the first load.
     expect((await issueAll(coupon.id, [users[0]!]))[0]!.status).toBe(200);
 
-    await runInDurableObject(stub, (instance: CouponGate) => instance.failNextFlush());
-    const responses = await issueAll(coupon.id, users.slice(1, 21));
-    expect(responses.filter((r) => r.status === 503).length).toBeGreaterThan(0);
+    let calls = 0;
+    const restore = inject(env.DB, "batch", (batch) =>
+      (async (statements: D1PreparedStatement[]) => {
+        if (++calls === 1) throw d1Down();
+        return batch(statements);
+      }) as typeof batch,
+    );
+    let responses;
+    try {
+      responses = await issueAll(coupon.id, users.slice(1, 21));
+    } finally {
+      restore();
+    }
+    const failed = users.slice(1, 21).filter((_, i) => responses[i]!.status === 503);
+    expect(failed.length).toBeGreaterThan(0);
 
     const d1 = await ledger(coupon.id);
     responses.forEach((r, i) => {
@@ -139,6 +134,11 @@ describe("a D1 failure during a group commit", () => {
       else expect(d1.holders).not.toContain(userId);
     });
     expect(d1.issuedCount).toBe(d1.rows.length);
+    // The outcome was unknown to the object: those callers stay pending (counted) until a later request
+    // asks D1, which may already have happened within the storm.
+    const object = await gateStorage(coupon.id);
+    expect(object.pending.every((id) => failed.includes(id))).toBe(true);
+    expect(object.issuedCount).toBe(d1.issuedCount + object.pending.length);
 
     // Everyone else, including those who failed, races for what is left: exactly 30 in the end.
     const rest = await issueAll(coupon.id, users.slice(1));
@@ -146,7 +146,9 @@ describe("a D1 failure during a group commit", () => {
     const final = await ledger(coupon.id);
     expect(final).toMatchObject({ issuedCount: 30, distinct: 30 });
     expect(final.rows).toHaveLength(30);
+    expect(await gateStorage(coupon.id)).toMatchObject({ issuedCount: 30, holderCount: 30, pending: [] });
   });
+
   it("one bad row in a group fails alone: its neighbours are still issued", async () => {
     const coupon = await makeCoupon({ totalQuantity: 20 });
     const users = (await makeUsers(10)).map((u) => u.id);
@@ -160,11 +162,12 @@ describe("a D1 failure during a group commit", () => {
     expect(responses.at(-1)!.body.code).toBe("COUPON_ALREADY_ISSUED");
     expect(codes(responses.slice(0, -1))).toEqual({ OK: 8 });
     expect(await ledger(coupon.id)).toMatchObject({ issuedCount: 10, distinct: 10 });
+    expect(await gateStorage(coupon.id)).toMatchObject({ issuedCount: 10, holderCount: 10, pending: [] });
   });
 });
 
 describe("a fresh object after a restart", () => {
-  it("re-derives from D1 after eviction and never exceeds the total", async () => {
+  it("wakes from its own storage after eviction and never exceeds the total", async () => {
     const coupon = await makeCoupon({ totalQuantity: 50 });
     const users = (await makeUsers(80)).map((u) => u.id);
     expect(codes(await issueAll(coupon.id, users.slice(0, 30)))).toEqual({ OK: 30 });
@@ -176,18 +179,22 @@ describe("a fresh object after a restart", () => {
     const d1 = await ledger(coupon.id);
     expect(d1).toMatchObject({ issuedCount: 50, distinct: 50 });
     expect(d1.rows).toHaveLength(50);
+    expect(await gateStorage(coupon.id)).toMatchObject({ issuedCount: 50, holderCount: 50, pending: [] });
   });
 
-  it("ignores stale local state after an abort: D1 alone says who holds the coupon", async () => {
+  it("after an abort, asks D1 about the admissions left pending: committed stay, the rest are undone", async () => {
     const coupon = await makeCoupon({ totalQuantity: 5 });
     const users = (await makeUsers(8)).map((u) => u.id);
     const [phantom, landed] = [users[2]!, users[3]!];
     expect(codes(await issueAll(coupon.id, users.slice(0, 2)))).toEqual({ OK: 2 });
-    // The previous life admitted `phantom`, but its batch never landed; another batch of it, for `landed`,
-    // landed after its storage last heard of it. So its storage says one thing and D1 another.
+    // The previous life admitted `phantom` and `landed` and died before hearing from D1: the batch for
+    // `landed` committed, the one for `phantom` never did.
     await runInDurableObject(gate(coupon.id), (_instance, state) => {
-      state.storage.sql.exec("INSERT INTO holders (user_id) VALUES (?)", phantom);
-      state.storage.sql.exec("UPDATE coupon SET issued_count = issued_count + 1");
+      for (const userId of [phantom, landed]) {
+        state.storage.sql.exec("INSERT INTO holders (user_id) VALUES (?)", userId);
+        state.storage.sql.exec("INSERT INTO pending (user_id) VALUES (?)", userId);
+        state.storage.sql.exec("UPDATE coupon SET issued_count = issued_count + 1");
+      }
     });
     await landBehindTheObjectsBack(coupon.id, landed);
 
@@ -200,6 +207,8 @@ describe("a fresh object after a restart", () => {
     const d1 = await ledger(coupon.id);
     expect(d1).toMatchObject({ issuedCount: 5, distinct: 5 });
     expect(d1.holders).toContain(phantom);
+    expect(await gateStorage(coupon.id)).toMatchObject({ issuedCount: 5, holderCount: 5, pending: [] });
+    expect(await gateHolds(coupon.id, [phantom, landed])).toEqual([phantom, landed].sort((a, b) => a - b));
   });
 
   it("a row that lands after the object loaded is caught by D1 and the object adjusts", async () => {
@@ -216,5 +225,6 @@ describe("a fresh object after a restart", () => {
     expect((await issueAll(coupon.id, [users[2]!]))[0]!.status).toBe(200);
     expect((await issueAll(coupon.id, [users[3]!]))[0]!.body.code).toBe("COUPON_SOLD_OUT");
     expect(await ledger(coupon.id)).toMatchObject({ issuedCount: 3, distinct: 3 });
+    expect(await gateStorage(coupon.id)).toMatchObject({ issuedCount: 3, pending: [] });
   });
 });
