@@ -1,21 +1,27 @@
 import { DurableObject } from "cloudflare:workers";
 import { DAY_MS } from "../lib/clock";
 import { describeError, log } from "../lib/log";
+import { isCommitted, readProductSnapshot } from "./stock-ledger";
 
-// One object per product: the authority on how much of it may still be promised to orders.
+// One object per product: the authority on how much of it may still be promised to orders, and to whom.
 //
-// It keeps `stock` (what D1 has committed, as far as this object knows) and the open reservations in
-// its own SQLite storage, and decides every reservation synchronously from them, with no await between
-// the check and the write: concurrent buyers interleave only at whole-method boundaries, so they can
-// never both take the last unit. D1's CHECK (stock >= 0) stays the last line of defence.
+// It keeps `stock` (what D1 has committed, as far as this object knows), the open entries (reservations
+// for orders being placed, restocks for orders being cancelled) and each user's purchased units in its
+// own SQLite storage, and decides every reservation synchronously from them, with no await between the
+// check and the write: concurrent buyers interleave only at whole-method boundaries, so they can never
+// both take the last unit, nor one user pass the product's limit. D1's CHECKs (stock >= 0, a user's
+// units within max_per_user) stay the last line of defence.
 //
 // Invariant: stock - sum(open reservations) <= D1's stock. Everything below keeps the object's view at
-// or under D1's, never above it, so a decision made here never promises stock D1 does not have.
+// or under D1's, never above it, so a decision made here never promises stock D1 does not have: a
+// reservation is taken before D1 writes the order; a restock is added only after D1 wrote the
+// cancellation (until then it is announced, not available).
 //
 // On each failure:
 // - The Worker that reserved never comes back (isolate died, reply lost, outcome unknown): the reservation
 //   expires (RESERVATION_TTL_MS, or SETTLE_SOON_MS when asked) and the alarm settles it against D1:
-//   an order committed under its key means sold, anything else means released.
+//   an order committed under its key means sold (a cancellation committed means restocked), anything else
+//   means released.
 // - A reservation exists only while its alarm is set: if storage refuses setAlarm, the reservation is
 //   dropped again and the caller gets the error.
 // - The alarm fails (D1 down): it never throws; it sets itself again with backoff (1 s doubling to 1 min),
@@ -26,16 +32,26 @@ import { describeError, log } from "../lib/log";
 //   committed): committed keys are remembered for two days, so a key is subtracted from stock once.
 // - D1 refuses an order on CHECK (stock >= 0), so this object was above D1: `resync` reloads it.
 
+export type StockRefusal = "PRODUCT_NOT_FOUND" | "OUT_OF_STOCK" | "PURCHASE_LIMIT_EXCEEDED";
+
 export type ReserveResult =
   | { ok: true; available: number }
-  | { ok: false; reason: "OUT_OF_STOCK" | "PRODUCT_NOT_FOUND"; available: number };
+  | { ok: false; reason: StockRefusal; available: number; held: number; maxPerUser: number | null };
 
 export interface StockPatch {
   name?: string;
   price?: number;
   stockDelta: number;
+  /** undefined: unchanged; null: no limit. */
+  maxPerUser?: number | null;
   updatedAt: string;
 }
+
+type Entry = {
+  quantity: number;
+  user_id: number | null;
+  kind: "SALE" | "RESTOCK";
+};
 
 export type AdjustResult =
   | { ok: true; product: ProductRecord }
@@ -66,6 +82,7 @@ export class ProductStock extends DurableObject<Env> {
   private productId: number | null = null;
   private stock = 0;
   private reserved = 0;
+  private maxPerUser: number | null = null;
   private loading: Promise<boolean> | null = null;
   /** The alarm this life asked storage for; `set` settles once storage has it. Null when none is known. */
   private alarmSet: { at: number; set: Promise<void> } | null = null;
@@ -76,38 +93,57 @@ export class ProductStock extends DurableObject<Env> {
     this.sql = ctx.storage.sql;
     this.sql.exec(`CREATE TABLE IF NOT EXISTS reservations (
       order_key TEXT PRIMARY KEY, quantity INTEGER NOT NULL, expires_at INTEGER NOT NULL)`);
+    const columns = this.sql.exec<{ name: string }>("PRAGMA table_info(reservations)").toArray().map((c) => c.name);
+    // Objects from before purchase limits and cancellations: their entries are sales of an unknown buyer.
+    if (!columns.includes("user_id")) this.sql.exec("ALTER TABLE reservations ADD COLUMN user_id INTEGER");
+    if (!columns.includes("kind")) this.sql.exec("ALTER TABLE reservations ADD COLUMN kind TEXT NOT NULL DEFAULT 'SALE'");
+    this.sql.exec("CREATE INDEX IF NOT EXISTS reservations_user ON reservations (user_id)");
     this.sql.exec("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)");
     this.sql.exec("CREATE TABLE IF NOT EXISTS settled (order_key TEXT PRIMARY KEY, settled_at INTEGER NOT NULL)");
+    // Units each user holds in committed, non-cancelled orders (counted from when this table exists, like
+    // D1's user_product_purchases): changed only when an entry settles, so exactly once per order key.
+    this.sql.exec("CREATE TABLE IF NOT EXISTS purchases (user_id INTEGER PRIMARY KEY, quantity INTEGER NOT NULL)");
   }
 
-  /** Takes `quantity` for the order `orderKey`, or refuses; idempotent per order key. */
-  async reserve(productId: number, orderKey: string, quantity: number): Promise<ReserveResult> {
-    if (!(await this.load(productId))) return { ok: false, reason: "PRODUCT_NOT_FOUND", available: 0 };
+  /**
+   * Takes `quantity` for `userId`'s order `orderKey`, or refuses (out of stock first, then the user's
+   * limit); idempotent per order key.
+   */
+  async reserve(productId: number, orderKey: string, quantity: number, userId: number): Promise<ReserveResult> {
+    if (!(await this.load(productId))) return this.refusal("PRODUCT_NOT_FOUND", userId);
     // From here to the insert there is no await: this is the critical section.
     // An order already committed under this key needs nothing more: its write will find the order.
-    if (this.isSettled(orderKey) || this.holds(orderKey)) return { ok: true, available: this.available() };
-    if (quantity > this.available()) return { ok: false, reason: "OUT_OF_STOCK", available: this.available() };
-    // The TTL is the object's own timer, not business time: a pinned request clock must not expire it early.
-    const expiresAt = Date.now() + RESERVATION_TTL_MS;
-    this.sql.exec("INSERT INTO reservations (order_key, quantity, expires_at) VALUES (?, ?, ?)", orderKey, quantity, expiresAt);
-    this.reserved += quantity;
-    try {
-      await this.settleBy(expiresAt);
-    } catch (error) {
-      // Without an alarm nothing would ever settle it if the caller vanished: do not keep it.
-      this.drop(orderKey);
-      throw error;
-    }
+    if (this.isSettled(orderKey) || this.entry(orderKey)) return { ok: true, available: this.available() };
+    const refusal = this.assess(quantity, userId);
+    if (refusal) return this.refusal(refusal, userId);
+    await this.hold(orderKey, { quantity, user_id: userId, kind: "SALE" });
     return { ok: true, available: this.available() };
   }
 
-  /** The order's D1 batch committed: its reservation is now part of D1's stock. */
+  /** What `reserve` would answer, without taking anything: to name the first of several refusals. */
+  async check(productId: number, quantity: number, userId: number): Promise<ReserveResult> {
+    if (!(await this.load(productId))) return this.refusal("PRODUCT_NOT_FOUND", userId);
+    const refusal = this.assess(quantity, userId);
+    return refusal ? this.refusal(refusal, userId) : { ok: true, available: this.available() };
+  }
+
+  /**
+   * The order `orderId` of `userId` is being cancelled: its `quantity` comes back once D1 has the
+   * cancellation (`commit` with the same key, or the alarm finding it in D1), never before.
+   */
+  async announceRestock(productId: number, restockKey: string, quantity: number, userId: number): Promise<void> {
+    if (!(await this.load(productId))) return;
+    if (this.isSettled(restockKey) || this.entry(restockKey)) return;
+    await this.hold(restockKey, { quantity, user_id: userId, kind: "RESTOCK" });
+  }
+
+  /** The order's (or the cancellation's) D1 batch committed: the entry is now part of D1's stock. */
   async commit(productId: number, orderKey: string): Promise<void> {
     if (!(await this.load(productId))) return;
     this.settle(orderKey, true);
   }
 
-  /** The order failed: give its reservation back. */
+  /** The order failed: give its reservation back (or forget the restock of a cancellation that failed). */
   async release(productId: number, orderKey: string): Promise<void> {
     if (!(await this.load(productId))) return;
     this.drop(orderKey);
@@ -142,22 +178,28 @@ export class ProductStock extends DurableObject<Env> {
   async adjust(productId: number, patch: StockPatch): Promise<AdjustResult> {
     if (!(await this.load(productId))) return { ok: false, reason: "PRODUCT_NOT_FOUND" };
     const delta = patch.stockDelta;
+    // A tighter limit applies at once (it can only refuse more); D1 copies it into each purchase row.
+    const limit = patch.maxPerUser === undefined ? undefined : patch.maxPerUser;
+    const previousLimit = this.maxPerUser;
+    if (limit !== undefined) this.maxPerUser = limit;
     if (delta < 0) {
       if (this.available() + delta < 0) return { ok: false, reason: "OUT_OF_STOCK" };
       this.stock += delta;
     }
     try {
       const row = await this.env.DB.prepare(
-        `UPDATE products SET stock = stock + ?1, name = coalesce(?2, name), price = coalesce(?3, price), updated_at = ?4
+        `UPDATE products SET stock = stock + ?1, name = coalesce(?2, name), price = coalesce(?3, price), updated_at = ?4,
+           max_per_user = CASE WHEN ?6 THEN ?7 ELSE max_per_user END
          WHERE id = ?5 RETURNING id, name, price, stock, max_per_user AS maxPerUser, created_at AS createdAt, updated_at AS updatedAt`,
       )
-        .bind(delta, patch.name ?? null, patch.price ?? null, patch.updatedAt, productId)
+        .bind(delta, patch.name ?? null, patch.price ?? null, patch.updatedAt, productId, limit !== undefined ? 1 : 0, limit ?? null)
         .first<ProductRecord>();
       if (!row) throw new Error(`product ${productId} vanished from D1`);
       if (delta > 0) this.stock += delta;
       return { ok: true, product: row };
     } catch (error) {
       if (delta < 0) this.stock -= delta;
+      if (limit !== undefined) this.maxPerUser = previousLimit;
       if (error instanceof Error && error.message.includes("products_stock_non_negative")) {
         await this.resync(productId);
         return { ok: false, reason: "OUT_OF_STOCK" };
@@ -170,6 +212,12 @@ export class ProductStock extends DurableObject<Env> {
   async snapshot(productId: number): Promise<{ stock: number; reserved: number; available: number } | null> {
     if (!(await this.load(productId))) return null;
     return { stock: this.stock, reserved: this.reserved, available: this.available() };
+  }
+
+  /** Units `userId` holds: purchased (not cancelled) plus reserved. For tests and operations. */
+  async heldBy(productId: number, userId: number): Promise<number | null> {
+    if (!(await this.load(productId))) return null;
+    return this.held(userId);
   }
 
   /**
@@ -206,7 +254,7 @@ export class ProductStock extends DurableObject<Env> {
       .exec<{ order_key: string }>("SELECT order_key FROM reservations WHERE expires_at <= ?", Date.now())
       .toArray();
     for (const { order_key } of expired) {
-      const committed = await this.orderCommitted(order_key);
+      const committed = await isCommitted(this.env.DB, order_key);
       this.settle(order_key, committed);
       log("warn", "stale stock reservation settled", { productId: this.productId, orderKey: order_key, committed });
     }
@@ -217,8 +265,48 @@ export class ProductStock extends DurableObject<Env> {
     return this.stock - this.reserved;
   }
 
-  private holds(orderKey: string): boolean {
-    return this.sql.exec("SELECT 1 FROM reservations WHERE order_key = ?", orderKey).toArray().length > 0;
+  private entry(key: string): Entry | null {
+    return this.sql.exec<Entry>("SELECT quantity, user_id, kind FROM reservations WHERE order_key = ?", key).toArray()[0] ?? null;
+  }
+
+  /** The first reason a reservation of `quantity` by `userId` is refused, or null. */
+  private assess(quantity: number, userId: number): StockRefusal | null {
+    if (quantity > this.available()) return "OUT_OF_STOCK";
+    if (this.maxPerUser !== null && this.held(userId) + quantity > this.maxPerUser) return "PURCHASE_LIMIT_EXCEEDED";
+    return null;
+  }
+
+  private refusal(reason: StockRefusal, userId: number): ReserveResult {
+    const found = reason !== "PRODUCT_NOT_FOUND";
+    return { ok: false, reason, available: found ? this.available() : 0, held: found ? this.held(userId) : 0, maxPerUser: this.maxPerUser };
+  }
+
+  private held(userId: number): number {
+    return this.sql
+      .exec<{ n: number }>(
+        `SELECT coalesce((SELECT quantity FROM purchases WHERE user_id = ?1), 0)
+              + coalesce((SELECT sum(quantity) FROM reservations WHERE user_id = ?1 AND kind = 'SALE'), 0) AS n`,
+        userId,
+      )
+      .one().n;
+  }
+
+  /** Records an open entry and makes sure the alarm will settle it; a sale counts as reserved at once. */
+  private async hold(key: string, entry: Entry): Promise<void> {
+    // The TTL is the object's own timer, not business time: a pinned request clock must not expire it early.
+    const expiresAt = Date.now() + RESERVATION_TTL_MS;
+    this.sql.exec(
+      "INSERT INTO reservations (order_key, quantity, expires_at, user_id, kind) VALUES (?, ?, ?, ?, ?)",
+      key, entry.quantity, expiresAt, entry.user_id, entry.kind,
+    );
+    if (entry.kind === "SALE") this.reserved += entry.quantity;
+    try {
+      await this.settleBy(expiresAt);
+    } catch (error) {
+      // Without an alarm nothing would ever settle it if the caller vanished: do not keep it.
+      this.drop(key);
+      throw error;
+    }
   }
 
   private isSettled(orderKey: string): boolean {
@@ -226,26 +314,41 @@ export class ProductStock extends DurableObject<Env> {
   }
 
   /**
-   * Ends a reservation: committed, its units leave `stock` (D1 took them), once per order key however
-   * many reservations that key had; otherwise they are simply free again.
+   * Ends an entry. Committed, a sale's units leave `stock` (D1 took them) and count as the buyer's, a
+   * restock's come back; once per key however many entries that key had. Otherwise a sale's units are
+   * simply free again and a restock is forgotten.
    */
-  private settle(orderKey: string, committed: boolean): void {
-    const quantity = this.drop(orderKey);
-    if (quantity === null || !committed) return;
-    if (!this.isSettled(orderKey)) this.stock -= quantity;
-    this.markSettled(orderKey);
+  private settle(key: string, committed: boolean): void {
+    const entry = this.entry(key);
+    if (this.drop(key) === null || !committed || !entry) return;
+    if (!this.isSettled(key)) {
+      this.stock += entry.kind === "SALE" ? -entry.quantity : entry.quantity;
+      this.countPurchase(entry);
+    }
+    this.markSettled(key);
+  }
+
+  private countPurchase(entry: Entry): void {
+    if (entry.user_id === null) return;
+    const delta = entry.kind === "SALE" ? entry.quantity : -entry.quantity;
+    this.sql.exec(
+      `INSERT INTO purchases (user_id, quantity) VALUES (?1, max(0, ?2))
+       ON CONFLICT (user_id) DO UPDATE SET quantity = max(0, quantity + ?2)`,
+      entry.user_id,
+      delta,
+    );
   }
 
   private markSettled(orderKey: string): void {
     this.sql.exec("INSERT OR IGNORE INTO settled (order_key, settled_at) VALUES (?, ?)", orderKey, Date.now());
   }
 
-  private drop(orderKey: string): number | null {
+  private drop(key: string): number | null {
     const rows = this.sql
-      .exec<{ quantity: number }>("DELETE FROM reservations WHERE order_key = ? RETURNING quantity", orderKey)
+      .exec<{ quantity: number; kind: string }>("DELETE FROM reservations WHERE order_key = ? RETURNING quantity, kind", key)
       .toArray();
     if (rows.length === 0) return null;
-    this.reserved -= rows[0]!.quantity;
+    if (rows[0]!.kind === "SALE") this.reserved -= rows[0]!.quantity;
     return rows[0]!.quantity;
   }
 
@@ -286,32 +389,25 @@ export class ProductStock extends DurableObject<Env> {
   }
 
   private async loadFromD1(productId: number): Promise<boolean> {
-    const leftovers = this.sql.exec<{ order_key: string }>("SELECT order_key FROM reservations").toArray();
-    // One batch is one D1 transaction: the stock and the leftovers' fate are read from the same snapshot,
-    // so an order committing meanwhile is either in both or in neither.
-    const [stockRows, committedRows] = await this.env.DB.batch<{ stock?: number; order_key?: string }>([
-      this.env.DB.prepare("SELECT stock FROM products WHERE id = ?").bind(productId),
-      this.env.DB.prepare("SELECT order_key FROM orders WHERE order_key IN (SELECT value FROM json_each(?))").bind(
-        JSON.stringify(leftovers.map((r) => r.order_key)),
-      ),
-    ]);
-    const stock = stockRows!.results[0]?.stock;
-    if (stock === undefined) return false;
-    for (const { order_key } of committedRows!.results) {
-      this.drop(order_key!);
-      this.markSettled(order_key!);
+    const leftovers = this.sql.exec<{ order_key: string }>("SELECT order_key FROM reservations").toArray().map((r) => r.order_key);
+    const snapshot = await readProductSnapshot(this.env.DB, productId, leftovers);
+    if (!snapshot) return false;
+    // D1's stock already holds what its committed entries did; the buyers' counts here do not yet.
+    for (const key of snapshot.committed) {
+      const entry = this.entry(key);
+      if (entry && !this.isSettled(key)) this.countPurchase(entry);
+      this.drop(key);
+      this.markSettled(key);
     }
-    this.stock = stock;
-    this.reserved = this.sql.exec<{ total: number }>("SELECT coalesce(sum(quantity), 0) AS total FROM reservations").one().total;
+    this.stock = snapshot.stock;
+    this.maxPerUser = snapshot.maxPerUser;
+    this.reserved = this.sql
+      .exec<{ total: number }>("SELECT coalesce(sum(quantity), 0) AS total FROM reservations WHERE kind = 'SALE'")
+      .one().total;
     this.sql.exec("INSERT OR REPLACE INTO meta (key, value) VALUES ('product_id', ?)", productId);
     const earliest = this.earliestExpiry();
     if (earliest !== null && this.alarmSet === null) await this.armAlarm(earliest);
     this.productId = productId;
     return true;
-  }
-
-  private async orderCommitted(orderKey: string): Promise<boolean> {
-    const row = await this.env.DB.prepare("SELECT 1 AS hit FROM orders WHERE order_key = ?").bind(orderKey).first();
-    return row !== null;
   }
 }

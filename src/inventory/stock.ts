@@ -1,6 +1,6 @@
 import { AppError } from "../lib/errors";
 import { describeError, log } from "../lib/log";
-import type { AdjustResult, ReserveResult, StockPatch } from "./product-stock";
+import type { AdjustResult, ReserveResult, StockPatch, StockRefusal } from "./product-stock";
 
 // The Worker's side of the per-product stock objects. A call that throws (the object overloaded, reset
 // or unreachable) is answered 503 SERVICE_UNAVAILABLE, never a 500; and what the call may have taken
@@ -24,28 +24,30 @@ async function callObject<T>(productId: number, call: () => Promise<T>): Promise
   }
 }
 
+/** When an order is refused for several reasons, the first of these is reported (the seed's order). */
+const REFUSAL_ORDER: StockRefusal[] = ["PRODUCT_NOT_FOUND", "OUT_OF_STOCK", "PURCHASE_LIMIT_EXCEEDED"];
+
 /**
- * Reserves every line for the order, product by product in id order (two orders never hold each
+ * Reserves every line of `userId`'s order, product by product in id order (two orders never hold each
  * other's last units); all or nothing: on the first refusal or error, what was taken is released (a
- * line whose call threw included: its reply may be all that was lost) and the refusal is thrown.
+ * line whose call threw included: its reply may be all that was lost) and the refusal is thrown. A
+ * refusal with lines still unasked asks their objects (without taking anything) whether one of them has
+ * a reason that comes first.
  */
-export async function reserveStock(env: Env, orderKey: string, lines: StockLine[]): Promise<void> {
+export async function reserveStock(env: Env, orderKey: string, lines: StockLine[], userId: number): Promise<void> {
+  const sorted = [...lines].sort((a, b) => a.productId - b.productId);
   // A line is owed a release once asked, unless the object answered that it took nothing.
   const owed: StockLine[] = [];
   try {
-    for (const line of [...lines].sort((a, b) => a.productId - b.productId)) {
+    for (const [i, line] of sorted.entries()) {
       owed.push(line);
-      const result: ReserveResult = await callObject(line.productId, async () =>
-        stockObject(env, line.productId).reserve(line.productId, orderKey, line.quantity),
+      const result = await callObject(line.productId, async (): Promise<ReserveResult> =>
+        stockObject(env, line.productId).reserve(line.productId, orderKey, line.quantity, userId),
       );
       if (!result.ok) {
         owed.pop();
-        throw new AppError(
-          result.reason,
-          result.reason === "OUT_OF_STOCK"
-            ? `Product ${line.productId} has ${result.available} left, ${line.quantity} asked`
-            : `Product ${line.productId} does not exist`,
-        );
+        const first = await firstRefusal(env, line, result, sorted.slice(i + 1), userId);
+        throw refusalError(first.line, first.result);
       }
     }
   } catch (error) {
@@ -54,12 +56,55 @@ export async function reserveStock(env: Env, orderKey: string, lines: StockLine[
   }
 }
 
+type Refused = Extract<ReserveResult, { ok: false }>;
+
+async function firstRefusal(env: Env, line: StockLine, result: Refused, rest: StockLine[], userId: number) {
+  let first = { line, result };
+  for (const other of rest) {
+    if (first.result.reason === REFUSAL_ORDER[0]) break;
+    const answer = await callObject(other.productId, async (): Promise<ReserveResult> =>
+      stockObject(env, other.productId).check(other.productId, other.quantity, userId),
+    );
+    if (!answer.ok && REFUSAL_ORDER.indexOf(answer.reason) < REFUSAL_ORDER.indexOf(first.result.reason)) {
+      first = { line: other, result: answer };
+    }
+  }
+  return first;
+}
+
+function refusalError(line: StockLine, result: Refused): AppError {
+  switch (result.reason) {
+    case "PRODUCT_NOT_FOUND":
+      return new AppError("PRODUCT_NOT_FOUND", `Product ${line.productId} does not exist`);
+    case "OUT_OF_STOCK":
+      return new AppError("OUT_OF_STOCK", `Product ${line.productId} has ${result.available} left, ${line.quantity} asked`);
+    case "PURCHASE_LIMIT_EXCEEDED":
+      return new AppError(
+        "PURCHASE_LIMIT_EXCEEDED",
+        `Product ${line.productId} allows ${result.maxPerUser} per customer; ${result.held} already held, ${line.quantity} asked`,
+      );
+  }
+}
+
+/**
+ * Tells each product's object that a cancellation will give its lines back. The units become sellable
+ * only when the cancellation is committed (commitStock with the same key, or the object's alarm finding
+ * it in D1), so a restock can never offer stock D1 does not have yet.
+ */
+export async function announceRestock(env: Env, restockKey: string, lines: StockLine[], userId: number): Promise<void> {
+  for (const line of lines) {
+    await callObject(line.productId, () =>
+      stockObject(env, line.productId).announceRestock(line.productId, restockKey, line.quantity, userId),
+    );
+  }
+}
+
 /** Best effort: a release that fails is settled by the object's alarm when the reservation expires. */
 export async function releaseStock(env: Env, orderKey: string, lines: StockLine[]): Promise<void> {
   await Promise.allSettled(lines.map((l) => stockObject(env, l.productId).release(l.productId, orderKey)));
 }
 
-/** After the order's batch committed. A failure here is healed by the object's settlement alarm. */
+/** After the order's (or cancellation's) batch committed. A failure here is healed by the object's alarm. */
 export async function commitStock(env: Env, orderKey: string, lines: StockLine[]): Promise<void> {
   await Promise.allSettled(lines.map((l) => stockObject(env, l.productId).commit(l.productId, orderKey)));
 }

@@ -40,6 +40,7 @@ interface CouponForOrder {
   discount_type: DiscountType;
   discount_value: number;
   min_order_amount: number;
+  max_discount_amount: number | null;
 }
 
 /**
@@ -65,15 +66,7 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
     if (placed !== null) return placed;
   }
   const lines = input.items.map((i) => ({ productId: i.productId, quantity: i.quantity }));
-  try {
-    await reserveStock(env, orderKey, lines);
-  } catch (error) {
-    // Several reasons: a missing product is reported before another line's lack of stock.
-    if (error instanceof AppError && error.code === "OUT_OF_STOCK" && lines.length > 1) {
-      await assertProductsExist(env.DB, lines).catch(unavailable);
-    }
-    throw error;
-  }
+  await reserveStock(env, orderKey, lines, userId);
 
   let written: WrittenOrder;
   try {
@@ -103,7 +96,12 @@ async function payAndWrite(deps: PlaceOrderDeps, orderKey: string, userId: numbe
   });
   const totalAmount = items.reduce((sum, i) => sum + i.amount, 0);
   if (coupon) assertCouponUsable(coupon, userId, totalAmount, now);
-  const discountAmount = coupon ? discountFor({ discountType: coupon.discount_type, discountValue: coupon.discount_value }, totalAmount) : 0;
+  const discountAmount = coupon
+    ? discountFor(
+        { discountType: coupon.discount_type, discountValue: coupon.discount_value, maxDiscountAmount: coupon.max_discount_amount },
+        totalAmount,
+      )
+    : 0;
   const paidAmount = totalAmount - discountAmount;
   if (balance < paidAmount) {
     throw new AppError("INSUFFICIENT_BALANCE", `The order costs ${paidAmount} won; the balance is ${balance}`);
@@ -138,7 +136,7 @@ async function settleFailedWrite(env: Env, orderKey: string, lines: StockLine[],
   if (refusal instanceof AppError) {
     // A constraint refused the batch: nothing was written, the reservations go back now.
     await releaseStock(env, orderKey, lines);
-    // The stock CHECK refusing means an object offered stock D1 did not have: it takes D1's numbers again.
+    // D1 refusing stock an object offered means that object was above D1: it takes D1's numbers again.
     if (isConstraintViolation(cause, "products_stock_non_negative")) await resyncStock(env, lines);
     throw refusal;
   }
@@ -172,17 +170,6 @@ function unavailable(error: unknown): never {
   throw new AppError("SERVICE_UNAVAILABLE", "The order could not be placed right now; retry shortly");
 }
 
-async function assertProductsExist(db: D1Database, lines: StockLine[]): Promise<void> {
-  const ids = lines.map((l) => l.productId);
-  const { results } = await db
-    .prepare("SELECT id FROM products WHERE id IN (SELECT value FROM json_each(?))")
-    .bind(JSON.stringify(ids))
-    .all<{ id: number }>();
-  const found = new Set(results.map((r) => r.id));
-  const missing = ids.find((id) => !found.has(id));
-  if (missing !== undefined) throw new AppError("PRODUCT_NOT_FOUND", `Product ${missing} does not exist`);
-}
-
 async function readOrderInputs(db: D1Database, userId: number, input: PlaceOrder) {
   const ids = JSON.stringify(input.items.map((i) => i.productId));
   const [productRows, userRows, couponRows] = await db.batch<Record<string, unknown>>([
@@ -190,7 +177,8 @@ async function readOrderInputs(db: D1Database, userId: number, input: PlaceOrder
     db.prepare("SELECT balance FROM users WHERE id = ?").bind(userId),
     db
       .prepare(
-        `SELECT uc.id, uc.user_id, uc.status, uc.expires_at, c.discount_type, c.discount_value, c.min_order_amount
+        `SELECT uc.id, uc.user_id, uc.status, uc.expires_at, c.discount_type, c.discount_value, c.min_order_amount,
+                c.max_discount_amount
          FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id WHERE uc.id = ?`,
       )
       .bind(input.userCouponId ?? 0),
@@ -254,6 +242,14 @@ async function writeOrder(
         )
         .bind(orderKey, i.productId, i.name, i.unitPrice, i.quantity, i.amount),
       db.prepare("UPDATE products SET stock = stock - ?, updated_at = ? WHERE id = ?").bind(i.quantity, createdAt, i.productId),
+      // The product's limit is copied in, so the row's CHECK refuses a purchase past it.
+      db
+        .prepare(
+          `INSERT INTO user_product_purchases (user_id, product_id, quantity, max_per_user)
+           VALUES (?1, ?2, ?3, (SELECT max_per_user FROM products WHERE id = ?2))
+           ON CONFLICT (user_id, product_id) DO UPDATE SET quantity = quantity + excluded.quantity, max_per_user = excluded.max_per_user`,
+        )
+        .bind(userId, i.productId, i.quantity),
     ]),
   ];
   if (paidAmount > 0) {
@@ -322,12 +318,17 @@ async function placedOrderJson(db: D1Database, orderKey: string): Promise<string
   return row?.body ?? null;
 }
 
+const LIMIT_CHECK = "user_product_purchases_within_limit";
+
 function translateWriteError(error: unknown): unknown {
   if (isConstraintViolation(error, "users_balance_non_negative")) {
     return new AppError("INSUFFICIENT_BALANCE", "The balance changed and no longer covers the order");
   }
   if (isConstraintViolation(error, "products_stock_non_negative")) {
     return new AppError("OUT_OF_STOCK", "A product sold out while the order was placed");
+  }
+  if (isConstraintViolation(error, LIMIT_CHECK)) {
+    return new AppError("PURCHASE_LIMIT_EXCEEDED", "The order would pass a product's limit per customer");
   }
   if (isConstraintViolation(error, "orders.user_coupon_id")) {
     return new AppError("COUPON_NOT_USABLE", "The coupon was used by another order");

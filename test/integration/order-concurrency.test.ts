@@ -121,7 +121,7 @@ describe("the product's stock object", () => {
   it("an admin cannot take stock already reserved by an order in flight", async () => {
     const product = await makeProduct({ stock: 5 });
     const stub = stockObject(product.id);
-    expect(await stub.reserve(product.id, "in-flight-order", 4)).toMatchObject({ ok: true, available: 1 });
+    expect(await stub.reserve(product.id, "in-flight-order", 4, 1)).toMatchObject({ ok: true, available: 1 });
     const res = await call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: -2 } });
     expect(res.body.code).toBe("OUT_OF_STOCK");
     await stub.release(product.id, "in-flight-order");
@@ -131,7 +131,7 @@ describe("the product's stock object", () => {
   it("after a restart it reloads from D1 and keeps reservations whose order never committed", async () => {
     const product = await makeProduct({ stock: 10 });
     const stub = stockObject(product.id);
-    await stub.reserve(product.id, "orphan-order", 3);
+    await stub.reserve(product.id, "orphan-order", 3, 1);
     // Simulate a restart: drop in-memory state, keep storage.
     await runInDurableObject(stub, (instance: ProductStock) => {
       (instance as unknown as { productId: number | null }).productId = null;
@@ -142,7 +142,7 @@ describe("the product's stock object", () => {
   it("the settlement alarm releases an expired reservation whose order never reached D1", async () => {
     const product = await makeProduct({ stock: 4 });
     const stub = stockObject(product.id);
-    await stub.reserve(product.id, "abandoned-order", 4);
+    await stub.reserve(product.id, "abandoned-order", 4, 1);
     expect(await stub.snapshot(product.id)).toMatchObject({ available: 0 });
     await runInDurableObject(stub, async (instance: ProductStock, state) => {
       state.storage.sql.exec("UPDATE reservations SET expires_at = 0");

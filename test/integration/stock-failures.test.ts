@@ -83,7 +83,7 @@ describe("the settlement alarm", () => {
     const product = await makeProduct({ price: 100, stock: 3 });
     const stub = stockObject(product.id);
     // A Worker reserved 2 units and was never heard from again.
-    expect(await stub.reserve(product.id, "vanished-order", 2)).toMatchObject({ ok: true, available: 1 });
+    expect(await stub.reserve(product.id, "vanished-order", 2, 1)).toMatchObject({ ok: true, available: 1 });
     await expireReservations(product.id);
 
     const restore = inject(env.DB, "prepare", () => () => {
@@ -111,7 +111,7 @@ describe("the settlement alarm", () => {
   it("is set again on a new life that finds reservations left", async () => {
     const product = await makeProduct({ stock: 5 });
     const stub = stockObject(product.id);
-    await stub.reserve(product.id, "left-behind", 1);
+    await stub.reserve(product.id, "left-behind", 1, 1);
     await runInDurableObject(stub, (_instance, state) => state.storage.deleteAlarm());
     await evictDurableObject(stub);
 
@@ -156,10 +156,10 @@ describe("the object never drifts from D1", () => {
     const { order_key } = await one<{ order_key: string }>("SELECT order_key FROM orders WHERE id = ?", placed.body.id);
     await expect.poll(() => stub.snapshot(product.id)).toEqual({ stock: 4, reserved: 0, available: 4 });
 
-    await stub.reserve(product.id, order_key, 1);
+    await stub.reserve(product.id, order_key, 1, 1);
     // Run 2's batch meets the order key, and it confirms; or it dies and the alarm settles the key.
     await stub.commit(product.id, order_key);
-    await stub.reserve(product.id, order_key, 1);
+    await stub.reserve(product.id, order_key, 1, 1);
     await expireReservations(product.id);
     await runDurableObjectAlarm(stub);
 
