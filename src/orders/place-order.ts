@@ -206,7 +206,7 @@ function assertCouponUsable(coupon: CouponForOrder, userId: number, totalAmount:
   }
 }
 
-interface OrderToWrite extends Omit<OrderDto, "id" | "status"> {}
+interface OrderToWrite extends Omit<OrderDto, "id" | "status" | "cancelledAt" | "cancelReason"> {}
 
 /**
  * One batch: every row of the order changes together or not at all, the idempotency claim (if any)
@@ -224,7 +224,7 @@ async function writeOrder(
   // slow request (clock read early, commit late) could land behind a client's cursor. So created_at is
   // max(clock, newest in the list), and the events take the committed value.
   const orderCreatedAt = "(SELECT created_at FROM orders WHERE order_key = ?)";
-  const statsEvent = { items: items.map((i) => ({ productId: i.productId, quantity: i.quantity })) };
+  const statsEvent = { event: "PLACED", items: items.map((i) => ({ productId: i.productId, quantity: i.quantity })) };
   const exportEvent = { userId, items, totalAmount, discountAmount, paidAmount };
 
   const statements = [

@@ -15,7 +15,8 @@ export function orderJsonSql(alias: string): string {
       'unitPrice', i.unit_price, 'quantity', i.quantity, 'amount', i.amount))
       FROM (SELECT * FROM order_items WHERE order_id = ${alias}.id ORDER BY id) i)),
     'totalAmount', ${alias}.total_amount, 'discountAmount', ${alias}.discount_amount,
-    'paidAmount', ${alias}.paid_amount, 'userCouponId', ${alias}.user_coupon_id, 'createdAt', ${alias}.created_at)`;
+    'paidAmount', ${alias}.paid_amount, 'userCouponId', ${alias}.user_coupon_id, 'createdAt', ${alias}.created_at,
+    'cancelledAt', ${alias}.cancelled_at, 'cancelReason', ${alias}.cancel_reason)`;
 }
 
 interface OrderJsonRow {

@@ -5,9 +5,11 @@ import { runToEnd } from "../lib/run-to-end";
 import { bearer, createRouter, Id, IdempotencyKeyHeader, jsonBody, jsonResponse, jsonText, problems } from "../lib/openapi";
 import { pageQuery, pageSchema } from "../lib/pagination";
 import { queuesOf } from "./outbox";
+import { positiveIntegerSetting } from "../lib/settings";
+import { cancelOrder } from "./cancel-order";
 import { placeOrder } from "./place-order";
 import { getOrderJson, listOrders } from "./queries";
-import { OrderSchema, PlaceOrderBody, type OrderDto } from "./schemas";
+import { CancelOrderBody, OrderSchema, PlaceOrderBody, type OrderDto } from "./schemas";
 
 const orderRoute = { tags: ["Orders"], security: bearer, middleware: [authenticate] };
 
@@ -43,6 +45,47 @@ export const orderRoutes = createRouter()
         );
         return jsonText<OrderDto>(c, order);
       }));
+    },
+  )
+  .openapi(
+    createRoute({
+      ...orderRoute,
+      method: "post",
+      path: "/orders/{orderId}/cancel",
+      summary:
+        "Cancel an order: refund to the wallet, stock and coupon back, exactly once (a user within the window, an admin any time)",
+      request: {
+        params: z.object({ orderId: Id }),
+        headers: IdempotencyKeyHeader,
+        body: { ...jsonBody(CancelOrderBody), required: false },
+      },
+      responses: {
+        200: jsonResponse(OrderSchema, "The cancelled order"),
+        ...problems(400, 401, 404, 409, 413, 415, 422, 503),
+      },
+    }),
+    async (c) => {
+      const { orderId } = c.req.valid("param");
+      const reason = c.req.valid("json")?.reason ?? null;
+      return runToEnd(
+        c.executionCtx,
+        idempotent(c, async (claim) => {
+          const order = await cancelOrder(
+            {
+              env: c.env,
+              clock: c.get("clock"),
+              queues: queuesOf(c.env),
+              defer: (work) => c.executionCtx.waitUntil(work),
+              claim,
+              windowSeconds: positiveIntegerSetting("ORDER_CANCEL_WINDOW_SECONDS", c.env.ORDER_CANCEL_WINDOW_SECONDS, 86_400),
+            },
+            c.get("caller"),
+            orderId,
+            reason,
+          );
+          return jsonText<OrderDto>(c, order);
+        }),
+      );
     },
   )
   .openapi(

@@ -1,5 +1,5 @@
 import { z } from "@hono/zod-openapi";
-import { PositiveId, Timestamp } from "../lib/openapi";
+import { Name, PositiveId, Timestamp } from "../lib/openapi";
 
 export const MAX_ORDER_LINES = 50;
 export const MAX_LINE_QUANTITY = 100;
@@ -32,15 +32,25 @@ export const OrderSchema = z
   .object({
     id: z.number().int(),
     userId: z.number().int(),
-    status: z.literal("COMPLETED"),
+    status: z.enum(["COMPLETED", "CANCELLED"]),
     items: z.array(OrderItemSchema),
     totalAmount: z.number().int(),
     discountAmount: z.number().int(),
     paidAmount: z.number().int(),
     userCouponId: z.number().int().nullable(),
     createdAt: Timestamp,
+    cancelledAt: Timestamp.nullable(),
+    cancelReason: z.string().nullable(),
   })
   .openapi("Order");
+
+export const MAX_CANCEL_REASON = 200;
+
+export const CancelOrderBody = z
+  .strictObject({
+    reason: Name(MAX_CANCEL_REASON).optional().openapi({ description: "Why, 1..200 printable characters" }),
+  })
+  .openapi("CancelOrder");
 
 export type OrderDto = z.infer<typeof OrderSchema>;
 export type OrderItemDto = z.infer<typeof OrderItemSchema>;
