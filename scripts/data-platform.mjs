@@ -1,5 +1,7 @@
 // A stand-in for the external data platform, for local use: accepts POST /orders on 127.0.0.1:8788,
-// deduplicates by Idempotency-Key (as a real platform would) and logs each order once.
+// deduplicates by Idempotency-Key (as a real platform would) and logs each delivery once: a completed
+// order arrives as `order-<id>`, its cancellation as `order-<id>-cancel`. GET /orders lists the keys,
+// with `count` (all distinct keys), `orders` (completed) and `cancellations`.
 //
 //   node scripts/data-platform.mjs                 accept everything
 //   DATA_PLATFORM_DOWN_UNTIL=<epoch ms> ...        answer 503 until then, to watch retries and dead letters
@@ -11,6 +13,7 @@ const PORT = Number(process.env.DATA_PLATFORM_PORT ?? 8788);
 const DOWN_FILE = ".wrangler/data-platform-down";
 const downUntil = Number(process.env.DATA_PLATFORM_DOWN_UNTIL ?? 0);
 const received = new Map();
+const isCancellation = (key) => key.endsWith("-cancel");
 
 export function startDataPlatform(port = PORT) {
   const server = createServer((req, res) => {
@@ -19,7 +22,9 @@ export function startDataPlatform(port = PORT) {
     req.on("end", () => {
       if (req.method === "GET" && req.url === "/orders") {
         res.writeHead(200, { "Content-Type": "application/json" });
-        res.end(JSON.stringify({ count: received.size, keys: [...received.keys()] }));
+        const keys = [...received.keys()];
+        const cancellations = keys.filter(isCancellation).length;
+        res.end(JSON.stringify({ count: keys.length, orders: keys.length - cancellations, cancellations, keys }));
         return;
       }
       if (req.method !== "POST" || req.url !== "/orders") {
@@ -37,7 +42,8 @@ export function startDataPlatform(port = PORT) {
       }
       const duplicate = received.has(key);
       if (!duplicate) received.set(key, body);
-      console.log(JSON.stringify({ msg: "data platform received order", key, duplicate, total: received.size }));
+      const msg = isCancellation(key) ? "data platform received cancellation" : "data platform received order";
+      console.log(JSON.stringify({ msg, key, duplicate, total: received.size }));
       res.writeHead(duplicate ? 200 : 201, { "Content-Type": "application/json" });
       res.end(JSON.stringify({ key, duplicate }));
     });

@@ -8,6 +8,7 @@ const ExportSchema = z
   .object({
     id: z.number().int(),
     orderId: z.number().int(),
+    event: z.enum(["PLACED", "CANCELLED"]).openapi({ description: "The order's completion, or its cancellation" }),
     status: z.enum(["PENDING", "SENT", "FAILED"]),
     attempts: z.number().int(),
     lastError: z.string().nullable(),

@@ -1,11 +1,15 @@
 import { describeError, log } from "../lib/log";
 import { exponentialBackoff } from "../lib/backoff";
 import { systemClock, type Clock } from "../lib/clock";
-import { orderIdOf } from "../orders/outbox";
-import { OrderExportEvent } from "./event";
+import { eventOf, orderIdOf, type OrderEvent } from "../orders/outbox";
+import { exportSchemaOf, idempotencyKeyOf } from "./event";
 
-// Delivers completed orders to the data platform, at least once from the queue's side and effectively
-// once on the platform's, thanks to `Idempotency-Key: order-<id>`.
+// Delivers order events to the data platform, at least once from the queue's side and effectively once on
+// the platform's, thanks to the Idempotency-Key: `order-<id>` for a completed order, `order-<id>-cancel` for
+// its cancellation. Each event is its own export row (order_exports is UNIQUE (order_id, event)): its
+// status, attempts, last error, backoff, dead letter and admin retry never touch the other event's row.
+// The two are not ordered: a cancellation may reach the platform before its order (say, the order's
+// export is still backing off); each is delivered on its own and the platform deduplicates each by key.
 //
 // Invariant: an export is SENT only after a 2xx, and every message ends acked or retried on its own:
 // nothing this consumer meets throws the batch away, so one message's trouble never burns the others'
@@ -18,8 +22,9 @@ import { OrderExportEvent } from "./event";
 //   way. A 2xx whose SENT write failed is POSTed again on the retry; the platform deduplicates it.
 // - Retries exhausted (max_retries in wrangler.toml): the dead-letter consumer marks the export FAILED,
 //   keeping the last error, for an admin to see and retry.
-// - A malformed body can never succeed: with a usable orderId the export is FAILED with the reason and its
-//   outbox row closed, so the relay stops re-sending it; without one it is logged and acked.
+// - A malformed body can never succeed: with a usable orderId the export of its event (a body with
+//   `status` is a cancellation) is FAILED with the reason and its outbox row closed, so the relay stops
+//   re-sending it; without one, or with an unknown event, it is logged and acked.
 
 export const DELIVERY_TIMEOUT_MS = 10_000;
 
@@ -55,6 +60,7 @@ export async function deliverExports(batch: MessageBatch, deps: ExportDeps): Pro
       log("warn", "export: D1 failed; will retry", {
         messageId: message.id,
         orderId: orderIdOf(message),
+        event: eventOf(message),
         attempts: message.attempts,
         delaySeconds,
         ...describeError(error),
@@ -65,81 +71,84 @@ export async function deliverExports(batch: MessageBatch, deps: ExportDeps): Pro
 }
 
 async function deliverMessage(message: Message, deps: ExportDeps, misconfigured: string | null): Promise<void> {
-  const parsed = OrderExportEvent.safeParse(message.body);
+  const event = eventOf(message);
+  if (event === null) return failMalformed(message, deps, "malformed export message: unknown event");
+  const parsed = exportSchemaOf[event].safeParse(message.body);
   if (!parsed.success) {
-    const reason = `malformed export message: ${parsed.error.issues
-      .map((issue) => `${issue.path.join(".") || "body"}: ${issue.message}`)
-      .join("; ")}`.slice(0, 300);
-    await failMalformed(message, deps, reason);
-    message.ack();
-    return;
+    const issues = parsed.error.issues.map((issue) => `${issue.path.join(".") || "body"}: ${issue.message}`);
+    return failMalformed(message, deps, `malformed export message: ${issues.join("; ")}`.slice(0, 300));
   }
-  const event = parsed.data;
+  const body = parsed.data;
+  const row = { orderId: body.orderId, event };
   const current = await deps.db
-    .prepare("SELECT status FROM order_exports WHERE order_id = ?")
-    .bind(event.orderId)
+    .prepare("SELECT status FROM order_exports WHERE order_id = ? AND event = ?")
+    .bind(row.orderId, row.event)
     .first<{ status: string }>();
   if (current?.status === "SENT") {
-    await completeOutboxStatement(deps.db, event.orderId, deps.clock.now().toISOString()).run();
+    await completeOutboxStatement(deps.db, row, deps.clock.now().toISOString()).run();
     message.ack();
     return;
   }
-  const error = misconfigured ?? (await post(deps.url!, deps, event));
+  const error = misconfigured ?? (await post(deps.url!, deps, idempotencyKeyOf(row.orderId, row.event), body));
   const now = deps.clock.now().toISOString();
   if (error === null) {
     await deps.db.batch([
       deps.db
         .prepare(
           `UPDATE order_exports SET status = 'SENT', attempts = attempts + 1, last_error = NULL, sent_at = ?, updated_at = ?
-           WHERE order_id = ?`,
+           WHERE order_id = ? AND event = ?`,
         )
-        .bind(now, now, event.orderId),
-      completeOutboxStatement(deps.db, event.orderId, now),
+        .bind(now, now, row.orderId, row.event),
+      completeOutboxStatement(deps.db, row, now),
     ]);
     message.ack();
     return;
   }
   await deps.db
-    .prepare("UPDATE order_exports SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE order_id = ?")
-    .bind(error, now, event.orderId)
+    .prepare("UPDATE order_exports SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE order_id = ? AND event = ?")
+    .bind(error, now, row.orderId, row.event)
     .run();
   const delaySeconds = backoffSeconds(message.attempts);
-  log("warn", "export delivery failed; retrying", { orderId: event.orderId, attempt: message.attempts, delaySeconds, error });
+  log("warn", "export delivery failed; retrying", { ...row, attempt: message.attempts, delaySeconds, error });
   message.retry({ delaySeconds });
 }
 
 /**
  * Retrying cannot fix a body, so the export ends FAILED with the reason (an admin sees it; a SENT one is
  * left alone) and its outbox row is closed, which stops the relay from re-sending it every half hour.
+ * Without a usable orderId, or with an event this code does not know, the message names no export row.
  */
 async function failMalformed(message: Message, deps: ExportDeps, reason: string): Promise<void> {
   const orderId = orderIdOf(message);
-  log("error", "export: malformed message", { messageId: message.id, orderId, reason });
-  if (orderId === null) return;
-  const now = deps.clock.now().toISOString();
-  await deps.db.batch([
-    deps.db
-      .prepare(
-        `UPDATE order_exports SET status = 'FAILED', attempts = attempts + 1, last_error = ?, updated_at = ?
-         WHERE order_id = ? AND status <> 'SENT'`,
-      )
-      .bind(reason, now, orderId),
-    completeOutboxStatement(deps.db, orderId, now),
-  ]);
+  const event = eventOf(message);
+  log("error", "export: malformed message", { messageId: message.id, orderId, event, reason });
+  if (orderId !== null && event !== null) {
+    const now = deps.clock.now().toISOString();
+    await deps.db.batch([
+      deps.db
+        .prepare(
+          `UPDATE order_exports SET status = 'FAILED', attempts = attempts + 1, last_error = ?, updated_at = ?
+           WHERE order_id = ? AND event = ? AND status <> 'SENT'`,
+        )
+        .bind(reason, now, orderId, event),
+      completeOutboxStatement(deps.db, { orderId, event }, now),
+    ]);
+  }
+  message.ack();
 }
 
-const completeOutboxStatement = (db: D1Database, orderId: number, now: string) =>
+const completeOutboxStatement = (db: D1Database, row: { orderId: number; event: OrderEvent }, now: string) =>
   db
-    .prepare("UPDATE outbox SET completed_at = coalesce(completed_at, ?) WHERE order_id = ? AND topic = 'export'")
-    .bind(now, orderId);
+    .prepare("UPDATE outbox SET completed_at = coalesce(completed_at, ?) WHERE order_id = ? AND topic = 'export' AND event = ?")
+    .bind(now, row.orderId, row.event);
 
 /** Returns null on a 2xx, otherwise a short description of the failure. */
-async function post(url: string, deps: ExportDeps, event: OrderExportEvent): Promise<string | null> {
+async function post(url: string, deps: ExportDeps, idempotencyKey: string, body: unknown): Promise<string | null> {
   try {
     const response = await deps.send(url, {
       method: "POST",
-      headers: { "Content-Type": "application/json", "Idempotency-Key": `order-${event.orderId}` },
-      body: JSON.stringify(event),
+      headers: { "Content-Type": "application/json", "Idempotency-Key": idempotencyKey },
+      body: JSON.stringify(body),
       signal: AbortSignal.timeout(DELIVERY_TIMEOUT_MS),
     });
     if (response.ok) return null;

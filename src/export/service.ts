@@ -1,12 +1,13 @@
 import { AppError } from "../lib/errors";
 import { afterCursorSql, toPage, type Page, type PageQuery } from "../lib/pagination";
-import { dispatchOutbox, type OrderQueues, type OutboxRow } from "../orders/outbox";
+import { dispatchOutbox, type OrderEvent, type OrderQueues, type OutboxRow } from "../orders/outbox";
 
 export type ExportStatus = "PENDING" | "SENT" | "FAILED";
 
 export interface ExportDto {
   id: number;
   orderId: number;
+  event: OrderEvent;
   status: ExportStatus;
   attempts: number;
   lastError: string | null;
@@ -18,6 +19,7 @@ export interface ExportDto {
 interface ExportRow {
   id: number;
   order_id: number;
+  event: OrderEvent;
   status: ExportStatus;
   attempts: number;
   last_error: string | null;
@@ -26,11 +28,12 @@ interface ExportRow {
   sent_at: string | null;
 }
 
-const COLUMNS = "id, order_id, status, attempts, last_error, created_at, updated_at, sent_at";
+const COLUMNS = "id, order_id, event, status, attempts, last_error, created_at, updated_at, sent_at";
 
 const toExportDto = (r: ExportRow): ExportDto => ({
   id: r.id,
   orderId: r.order_id,
+  event: r.event,
   status: r.status,
   attempts: r.attempts,
   lastError: r.last_error,
@@ -67,15 +70,17 @@ export async function listExports(db: D1Database, status: ExportStatus | undefin
 
 /**
  * Puts a FAILED export back to PENDING and queues it again. Its outbox row is reset in the same batch,
- * so if the immediate send fails the cron relay still re-sends it.
+ * so if the immediate send fails the cron relay still re-sends it. The export names one order and event:
+ * only that event's outbox row is requeued (retrying a cancellation never re-sends the order itself).
  */
 export async function retryExport(db: D1Database, queues: OrderQueues, exportId: number, now: Date): Promise<ExportDto> {
   const at = now.toISOString();
   const [, updated] = await db.batch<ExportRow>([
     db
       .prepare(
-        `UPDATE outbox SET dispatched_at = NULL, created_at = ?
-         WHERE topic = 'export' AND order_id = (SELECT order_id FROM order_exports WHERE id = ? AND status = 'FAILED')`,
+        `UPDATE outbox SET dispatched_at = NULL, created_at = ?1
+         WHERE order_id = (SELECT order_id FROM order_exports WHERE id = ?2 AND status = 'FAILED') AND topic = 'export'
+           AND event = (SELECT event FROM order_exports WHERE id = ?2 AND status = 'FAILED')`,
       )
       .bind(at, exportId),
     db
@@ -89,8 +94,8 @@ export async function retryExport(db: D1Database, queues: OrderQueues, exportId:
     throw new AppError("EXPORT_NOT_FAILED", `Export ${exportId} is ${exists.status}`);
   }
   const { results } = await db
-    .prepare("SELECT id, topic, payload FROM outbox WHERE order_id = ? AND topic = 'export' AND dispatched_at IS NULL")
-    .bind(row.order_id)
+    .prepare("SELECT id, topic, payload FROM outbox WHERE order_id = ? AND topic = 'export' AND event = ? AND dispatched_at IS NULL")
+    .bind(row.order_id, row.event)
     .all<OutboxRow>();
   await dispatchOutbox(db, queues, results, at);
   return toExportDto(row);

@@ -3,7 +3,13 @@ import { log } from "../lib/log";
 
 // The transactional outbox. Rows are written in the order's own batch; this moves them to the queues.
 // A row is marked dispatched only after its queue accepted it, so a failed send() is simply retried by
-// the cron relay. A crash between send and mark sends twice: consumers are idempotent per order.
+// the cron relay. A crash between send and mark sends twice: consumers are idempotent per order and event.
+//
+// Each order has up to two events, PLACED and CANCELLED, and each event its own stats and export row
+// (UNIQUE (order_id, topic, event)); every statement here that names an order's row names its event too.
+
+/** What happened to an order; each event has its own outbox rows, export row and counted mark. */
+export type OrderEvent = "PLACED" | "CANCELLED";
 
 export interface OrderQueues {
   stats: Queue;
@@ -93,7 +99,8 @@ export async function relayOutbox(
       .prepare(
         `SELECT o.id, o.topic, o.payload FROM outbox o
          WHERE o.completed_at IS NULL AND o.dispatched_at IS NOT NULL AND o.dispatched_at <= ?
-           AND (o.topic = 'stats' OR EXISTS (SELECT 1 FROM order_exports e WHERE e.order_id = o.order_id AND e.status = 'PENDING'))
+           AND (o.topic = 'stats' OR EXISTS (
+             SELECT 1 FROM order_exports e WHERE e.order_id = o.order_id AND e.event = o.event AND e.status = 'PENDING'))
          ORDER BY o.dispatched_at, o.id LIMIT 500`,
       )
       .bind(before(redeliverAfterSeconds)),
@@ -106,15 +113,17 @@ export async function relayOutbox(
 /**
  * Stats messages that exhausted their retries (a long D1 outage, say) are not dropped: their outbox rows
  * are marked undispatched again, so the relay re-sends them once things recover. The consumer counts each
- * order once, so a re-send can never double-count. If D1 still fails here, the message backs off on its own
+ * order event once, so a re-send can never double-count. If D1 still fails here, the message backs off on its own
  * (the queue's max_retries is generous); should even those run out, the row is still open and the relay
- * re-sends it after OUTBOX_REDELIVER_AFTER_SECONDS. A row already completed is left alone.
+ * re-sends it after OUTBOX_REDELIVER_AFTER_SECONDS. A row already completed is left alone. The message's
+ * event picks the row: a dead cancellation returns the CANCELLED row, never the order's PLACED one.
  */
 export async function returnDeadStatsToOutbox(batch: MessageBatch, db: D1Database, now: Date): Promise<void> {
   for (const message of batch.messages) {
     const orderId = orderIdOf(message);
-    if (orderId === null) {
-      log("error", "dead-lettered stats message without an order id", { messageId: message.id });
+    const event = eventOf(message);
+    if (orderId === null || event === null) {
+      log("error", "dead-lettered stats message without an order id or a known event", { messageId: message.id, orderId });
       message.ack();
       continue;
     }
@@ -122,15 +131,16 @@ export async function returnDeadStatsToOutbox(batch: MessageBatch, db: D1Databas
       await db
         .prepare(
           `UPDATE outbox SET dispatched_at = NULL, created_at = ?
-           WHERE order_id = ? AND topic = 'stats' AND completed_at IS NULL`,
+           WHERE order_id = ? AND topic = 'stats' AND event = ? AND completed_at IS NULL`,
         )
-        .bind(now.toISOString(), orderId)
+        .bind(now.toISOString(), orderId, event)
         .run();
       message.ack();
     } catch (error) {
       const delaySeconds = exponentialBackoff(message.attempts, 10, 600);
       log("warn", "could not return a dead stats message to the outbox; will retry", {
         orderId,
+        event,
         attempts: message.attempts,
         delaySeconds,
         error: String(error),
@@ -144,4 +154,17 @@ export async function returnDeadStatsToOutbox(batch: MessageBatch, db: D1Databas
 export function orderIdOf(message: Message): number | null {
   const orderId = (message.body as { orderId?: unknown } | null)?.orderId;
   return typeof orderId === "number" && Number.isSafeInteger(orderId) && orderId > 0 ? orderId : null;
+}
+
+/**
+ * The order event a queue message is about, or null when it names one this code does not know. Stats
+ * bodies say it in `event`; export bodies carry the contract's body, where only a cancellation has a
+ * `status` ("CANCELLED"). Neither present: PLACED, as every message written before events existed.
+ */
+export function eventOf(message: Message): OrderEvent | null {
+  const body = message.body as { event?: unknown; status?: unknown } | null;
+  if (typeof body !== "object" || body === null) return null;
+  if (body.event !== undefined) return body.event === "PLACED" || body.event === "CANCELLED" ? body.event : null;
+  if (body.status === undefined || body.status === "COMPLETED") return "PLACED";
+  return body.status === "CANCELLED" ? "CANCELLED" : null;
 }

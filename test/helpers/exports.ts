@@ -4,7 +4,7 @@ import { vi } from "vitest";
 import { deliverExports, type ExportDeps } from "../../src/export/consumer";
 import type { OrderExportEvent } from "../../src/export/event";
 import { fixedClock } from "../../src/lib/clock";
-import type { OrderQueues } from "../../src/orders/outbox";
+import type { OrderEvent, OrderQueues } from "../../src/orders/outbox";
 import { one } from "./db";
 import { makeUser } from "./factories";
 
@@ -83,17 +83,19 @@ export async function deliverMany(bodies: unknown[], deps: ExportDeps, attempts 
 
 export const deliver = (body: unknown, deps: ExportDeps, attempts = 1) => deliverMany([body], deps, attempts);
 
-export const exportRow = (orderId: number) =>
+export const exportRow = (orderId: number, event: OrderEvent = "PLACED") =>
   one<{ status: string; attempts: number; last_error: string | null; sent_at: string | null }>(
-    "SELECT status, attempts, last_error, sent_at FROM order_exports WHERE order_id = ?",
+    "SELECT status, attempts, last_error, sent_at FROM order_exports WHERE order_id = ? AND event = ?",
     orderId,
+    event,
   );
 
-export const outboxRow = (orderId: number, topic: "stats" | "export") =>
+export const outboxRow = (orderId: number, topic: "stats" | "export", event: OrderEvent = "PLACED") =>
   one<{ dispatched_at: string | null; completed_at: string | null }>(
-    "SELECT dispatched_at, completed_at FROM outbox WHERE order_id = ? AND topic = ?",
+    "SELECT dispatched_at, completed_at FROM outbox WHERE order_id = ? AND topic = ? AND event = ?",
     orderId,
     topic,
+    event,
   );
 
 /** Queues that record what they were given, or refuse for the listed topics. */

@@ -68,7 +68,7 @@ describe("dead letters and admin retry", () => {
     const failed = await call("GET", "/api/admin/exports?status=FAILED&limit=100", { token });
     expect(failed.status).toBe(200);
     const listed = failed.body.items.find((e: { id: number }) => e.id === exportId);
-    expect(listed).toMatchObject({ id: exportId, orderId: event.orderId, status: "FAILED", lastError: "HTTP 500: platform says no", sentAt: null });
+    expect(listed).toMatchObject({ id: exportId, orderId: event.orderId, event: "PLACED", status: "FAILED", lastError: "HTTP 500: platform says no", sentAt: null });
     expect(failed.body.items.every((e: { status: string }) => e.status === "FAILED")).toBe(true);
     const pending = await call("GET", "/api/admin/exports?status=pending&limit=100", { token });
     expect(pending.body.items.some((e: { id: number }) => e.id === exportId)).toBe(false);

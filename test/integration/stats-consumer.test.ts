@@ -5,7 +5,7 @@ import worker from "../../src/index";
 import { fixedClock } from "../../src/lib/clock";
 import { relayOutbox, returnDeadStatsToOutbox } from "../../src/orders/outbox";
 import { countBatch } from "../../src/stats/consumer";
-import type { OrderCompletedEvent } from "../../src/stats/event";
+import type { StatsEvent } from "../../src/stats/event";
 import { outboxRow, recordingQueues, seededOrder } from "../helpers/exports";
 import { makeProduct } from "../helpers/factories";
 import { unreliableD1 } from "../helpers/unreliable-d1";
@@ -40,7 +40,8 @@ async function isCounted(id: number): Promise<boolean> {
 describe("stats consumer", () => {
   it("adds an order's quantities to the day's sales and acks", async () => {
     const [a, b] = [await makeProduct(), await makeProduct()];
-    const event: OrderCompletedEvent = {
+    const event: StatsEvent = {
+      event: "PLACED",
       orderId: orderId(),
       date: "2030-01-10",
       items: [

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { retryDelaySeconds } from "../../src/stats/consumer";
-import { OrderCompletedEventSchema } from "../../src/stats/event";
+import { StatsEventSchema } from "../../src/stats/event";
 
 describe("retryDelaySeconds", () => {
   it("doubles from 5 s and caps at 5 minutes", () => {
@@ -8,11 +8,16 @@ describe("retryDelaySeconds", () => {
   });
 });
 
-describe("OrderCompletedEventSchema", () => {
+describe("StatsEventSchema", () => {
   const valid = { orderId: 1, date: "2026-11-23", items: [{ productId: 2, quantity: 3 }] };
 
-  it("accepts the event order creation produces, ignoring extra fields", () => {
-    expect(OrderCompletedEventSchema.parse({ ...valid, userId: 7 })).toEqual(valid);
+  it("accepts the event order creation produces, ignoring extra fields; without `event` it is PLACED", () => {
+    expect(StatsEventSchema.parse({ ...valid, userId: 7 })).toEqual({ event: "PLACED", ...valid });
+    expect(StatsEventSchema.parse({ ...valid, event: "PLACED" })).toEqual({ event: "PLACED", ...valid });
+  });
+
+  it("accepts a cancellation, with the order's stat date and its lines", () => {
+    expect(StatsEventSchema.parse({ ...valid, event: "CANCELLED" })).toEqual({ event: "CANCELLED", ...valid });
   });
 
   it("rejects impossible dates and non-positive numbers", () => {
@@ -22,8 +27,11 @@ describe("OrderCompletedEventSchema", () => {
       { ...valid, orderId: 0 },
       { ...valid, items: [{ productId: 2, quantity: -1 }] },
       { ...valid, items: [{ productId: 2.5, quantity: 1 }] },
+      { ...valid, event: "REFUNDED" },
+      { ...valid, event: "cancelled" },
+      { ...valid, event: null },
     ]) {
-      expect(OrderCompletedEventSchema.safeParse(bad).success).toBe(false);
+      expect(StatsEventSchema.safeParse(bad).success).toBe(false);
     }
   });
 });
