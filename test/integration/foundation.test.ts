@@ -34,6 +34,7 @@ describe("operations", () => {
       "POST /api/orders",
       "GET /api/users/orders",
       "GET /api/orders/{orderId}",
+      "POST /api/orders/{orderId}/cancel",
       "POST /api/admin/users",
       "GET /api/admin/users",
       "POST /api/admin/products",
