@@ -63,11 +63,11 @@ export const adminRoutes = router
       ...adminRoute,
       method: "patch",
       path: "/products/{productId}",
-      summary: "Rename, reprice or restock a product",
+      summary: "Rename, reprice, restock or limit a product",
       request: { params: z.object({ productId: Id }), body: jsonBody(UpdateProductBody) },
       responses: {
         200: jsonResponse(ProductSchema, "The updated product"),
-        ...problems(400, 401, 403, 404, 413, 415),
+        ...problems(400, 401, 403, 404, 413, 415, 503),
       },
     }),
     async (c) => {

@@ -10,6 +10,11 @@ export const ProductSchema = z
     name: z.string(),
     price: z.number().int().openapi({ description: "Integer won" }),
     stock: z.number().int(),
+    maxPerUser: z
+      .number()
+      .int()
+      .nullable()
+      .openapi({ description: "At most this many units per customer over their non-cancelled orders; null: no limit" }),
     createdAt: Timestamp,
     updatedAt: Timestamp,
   })
@@ -17,12 +22,20 @@ export const ProductSchema = z
 
 const name = Name(200);
 const price = z.number().int().min(0).max(MAX_PRICE).openapi({ description: "Integer won, 0..10,000,000" });
+const maxPerUser = z
+  .number()
+  .int()
+  .min(1)
+  .max(MAX_STOCK)
+  .nullable()
+  .openapi({ description: "Units per customer over their non-cancelled orders, 1..1,000,000; null: no limit" });
 
 export const CreateProductBody = z
   .strictObject({
     name,
     price,
     stock: z.number().int().min(0).max(MAX_STOCK),
+    maxPerUser: maxPerUser.optional(),
   })
   .openapi("CreateProduct");
 
@@ -37,9 +50,10 @@ export const UpdateProductBody = z
       .max(MAX_STOCK)
       .optional()
       .openapi({ description: "Added to the stock; the stock never goes below 0 (400 OUT_OF_STOCK)" }),
+    maxPerUser: maxPerUser.optional().openapi({ description: "The new limit per customer, applied at once; null removes it" }),
   })
-  .refine((b) => b.name !== undefined || b.price !== undefined || b.stockDelta !== undefined, {
-    message: "Give at least one of name, price, stockDelta",
+  .refine((b) => b.name !== undefined || b.price !== undefined || b.stockDelta !== undefined || b.maxPerUser !== undefined, {
+    message: "Give at least one of name, price, stockDelta, maxPerUser",
   })
   .openapi("UpdateProduct");
 

@@ -21,6 +21,7 @@ export interface ProductDto {
   name: string;
   price: number;
   stock: number;
+  maxPerUser: number | null;
   createdAt: string;
   updatedAt: string;
 }
@@ -30,6 +31,7 @@ export const toProductDto = (p: ProductRow): ProductDto => ({
   name: p.name,
   price: p.price,
   stock: p.stock,
+  maxPerUser: p.maxPerUser,
   createdAt: p.createdAt,
   updatedAt: p.updatedAt,
 });
@@ -83,9 +85,10 @@ export async function createProduct(db: Db, cache: KVNamespace, clock: Clock, in
 }
 
 /**
- * Renames, reprices and restocks. A stock change goes through the product's stock object, which owns the
- * decision (it must not hand out stock reserved by orders in flight) and writes the whole change to D1;
- * D1's CHECK (stock >= 0) still backs it. Without a stock change the row is updated in D1 directly.
+ * Renames, reprices, restocks and limits. A stock or limit change goes through the product's stock object,
+ * which owns both decisions (it must not hand out stock reserved by orders in flight, and must refuse by the
+ * new limit from the moment it is set) and writes the whole change to D1; D1's CHECKs still back it.
+ * Without either the row is updated in D1 directly.
  */
 export async function updateProduct(
   db: Db,
@@ -96,8 +99,8 @@ export async function updateProduct(
 ): Promise<ProductDto> {
   const updatedAt = clock.now().toISOString();
   let product: ProductDto;
-  if (input.stockDelta !== undefined) {
-    const result = await adjustStock(env, productId, { ...input, stockDelta: input.stockDelta, updatedAt });
+  if (input.stockDelta !== undefined || input.maxPerUser !== undefined) {
+    const result = await adjustStock(env, productId, { ...input, stockDelta: input.stockDelta ?? 0, updatedAt });
     if (!result.ok) {
       throw result.reason === "OUT_OF_STOCK"
         ? new AppError("OUT_OF_STOCK", "The stock would go below zero or into stock reserved by orders in flight")

@@ -9,10 +9,32 @@ export async function makeUser(name = unique("user")): Promise<{ id: number; nam
   return res.body;
 }
 
-export async function makeProduct(
-  fields: { name?: string; price?: number; stock?: number } = {},
-): Promise<{ id: number; name: string; price: number; stock: number; createdAt: string; updatedAt: string }> {
-  const body = { name: fields.name ?? unique("product"), price: fields.price ?? 1000, stock: fields.stock ?? 10 };
+export interface ProductFields {
+  name?: string;
+  price?: number;
+  stock?: number;
+  /** Left out of the body unless given; null is sent as null (no limit). */
+  maxPerUser?: number | null;
+}
+
+export interface Product {
+  id: number;
+  name: string;
+  price: number;
+  stock: number;
+  maxPerUser: number | null;
+  createdAt: string;
+  updatedAt: string;
+}
+
+/** Creates a product as an admin (price 1,000 won, stock 10, no limit unless told otherwise). */
+export async function makeProduct(fields: ProductFields = {}): Promise<Product> {
+  const body = {
+    name: fields.name ?? unique("product"),
+    price: fields.price ?? 1000,
+    stock: fields.stock ?? 10,
+    ...(fields.maxPerUser !== undefined && { maxPerUser: fields.maxPerUser }),
+  };
   const res = await call("POST", "/api/admin/products", { token: await adminToken(), body });
   if (res.status !== 201) throw new Error(`makeProduct failed: ${res.status} ${res.text}`);
   return res.body;
@@ -34,6 +56,7 @@ export interface CouponFields {
   discountValue?: number;
   totalQuantity?: number;
   minOrderAmount?: number;
+  maxDiscountAmount?: number;
   issueStartsAt?: string;
   issueEndsAt?: string;
   validDays?: number;

@@ -3,13 +3,28 @@ import { describe, expect, it } from "vitest";
 import { createApp } from "../../src/app";
 import { adminToken, call, expectProblem } from "../helpers/api";
 import { countingD1 } from "../helpers/counting-d1";
-import { makeProduct } from "../helpers/factories";
+import { makeProduct, makeUser } from "../helpers/factories";
 
-type Product = { id: number; name: string; price: number; stock: number; createdAt: string; updatedAt: string };
+type Product = {
+  id: number;
+  name: string;
+  price: number;
+  stock: number;
+  maxPerUser: number | null;
+  createdAt: string;
+  updatedAt: string;
+};
 type ListPage = { items: Product[]; nextCursor: string | null };
 
 const setName = (id: number, name: string) =>
   env.DB.prepare("UPDATE products SET name = ? WHERE id = ?").bind(name, id).run();
+
+const stockObject = (productId: number) => env.PRODUCT_STOCK.get(env.PRODUCT_STOCK.idFromName(String(productId)));
+const limitInD1 = async (id: number) =>
+  (await env.DB.prepare("SELECT max_per_user FROM products WHERE id = ?").bind(id).first<{ max_per_user: number | null }>())!
+    .max_per_user;
+const patch = async (id: number, body: unknown) =>
+  call("PATCH", `/api/admin/products/${id}`, { token: await adminToken(), body });
 
 const firstPage = () => call<ListPage>("GET", "/api/products?limit=100");
 const listed = (page: ListPage, id: number) => page.items.find((p) => p.id === id);
@@ -181,6 +196,77 @@ describe("GET /api/products/{productId}", () => {
   });
 });
 
+describe("admin products: maxPerUser", () => {
+  it("creates a product with a limit, without one, or with null (no limit)", async () => {
+    const limited = await makeProduct({ name: "Drop sneaker", maxPerUser: 2 });
+    expect(limited).toMatchObject({ name: "Drop sneaker", maxPerUser: 2 });
+    expect(await limitInD1(limited.id)).toBe(2);
+    expect((await call("GET", `/api/products/${limited.id}`)).body).toEqual(limited);
+
+    for (const product of [await makeProduct(), await makeProduct({ maxPerUser: null })]) {
+      expect(product.maxPerUser).toBeNull();
+      expect(await limitInD1(product.id)).toBeNull();
+      expect((await call("GET", `/api/products/${product.id}`)).body).toEqual(product);
+    }
+  });
+
+  it("PATCH sets, changes and removes the limit in D1 and in the product's stock object at once", async () => {
+    const product = await makeProduct({ name: "Console", price: 5000, stock: 8 });
+    const user = await makeUser();
+    // The object has loaded the product (no limit) before any PATCH: it must learn each change from the PATCH.
+    expect(await stockObject(product.id).check(product.id, 5, user.id)).toMatchObject({ ok: true });
+
+    const set = await patch(product.id, { maxPerUser: 2 });
+    expect(set.status).toBe(200);
+    expect(set.body).toMatchObject({ id: product.id, name: "Console", price: 5000, stock: 8, maxPerUser: 2 });
+    expect(await limitInD1(product.id)).toBe(2);
+    expect(await stockObject(product.id).check(product.id, 3, user.id)).toMatchObject({
+      ok: false,
+      reason: "PURCHASE_LIMIT_EXCEEDED",
+      maxPerUser: 2,
+    });
+    expect(await stockObject(product.id).check(product.id, 2, user.id)).toMatchObject({ ok: true });
+
+    const changed = await patch(product.id, { name: "Console X", stockDelta: 3, maxPerUser: 4 });
+    expect(changed.body).toMatchObject({ name: "Console X", stock: 11, maxPerUser: 4 });
+    expect(await stockObject(product.id).check(product.id, 5, user.id)).toMatchObject({ reason: "PURCHASE_LIMIT_EXCEEDED" });
+
+    const removed = await patch(product.id, { maxPerUser: null });
+    expect(removed.body).toMatchObject({ name: "Console X", stock: 11, maxPerUser: null });
+    expect(await limitInD1(product.id)).toBeNull();
+    expect(await stockObject(product.id).check(product.id, 11, user.id)).toMatchObject({ ok: true });
+    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 11, reserved: 0, available: 11 });
+    expect((await call("GET", `/api/products/${product.id}`)).body).toEqual(removed.body);
+  });
+
+  it("a PATCH of the limit alone keeps name, price and stock, and the cached list shows it at once", async () => {
+    const product = await makeProduct({ name: "Limited", price: 700, stock: 3 });
+    expect(listed((await firstPage()).body, product.id)?.maxPerUser).toBeNull();
+    const res = await patch(product.id, { maxPerUser: 1 });
+    expect(res.body).toMatchObject({ name: "Limited", price: 700, stock: 3, maxPerUser: 1, createdAt: product.createdAt });
+    expect(listed((await firstPage()).body, product.id)).toEqual(res.body);
+  });
+
+  it("400 VALIDATION_FAILED for a limit that is not a positive integer, on create and on PATCH; nothing changes", async () => {
+    const token = await adminToken();
+    const product = await makeProduct({ maxPerUser: 3 });
+    for (const maxPerUser of [0, -1, 1.5, "2", true, 1_000_001]) {
+      const created = await call("POST", "/api/admin/products", { token, body: { name: "x", price: 1, stock: 1, maxPerUser } });
+      expectProblem(created, 400, "VALIDATION_FAILED");
+      expect(created.body.errors.map((e: { path: string }) => e.path), String(maxPerUser)).toEqual(["maxPerUser"]);
+      const patched = await patch(product.id, { maxPerUser });
+      expectProblem(patched, 400, "VALIDATION_FAILED");
+      expect(patched.body.errors.map((e: { path: string }) => e.path), String(maxPerUser)).toEqual(["maxPerUser"]);
+    }
+    expect(await limitInD1(product.id)).toBe(3);
+  });
+
+  it("404 PRODUCT_NOT_FOUND for a limit on an unknown product", async () => {
+    expectProblem(await patch(999_999_999, { maxPerUser: 2 }), 404, "PRODUCT_NOT_FOUND");
+    expectProblem(await patch(999_999_999, { maxPerUser: null }), 404, "PRODUCT_NOT_FOUND");
+  });
+});
+
 describe("OpenAPI", () => {
   it("documents the public catalog paths without security", async () => {
     const doc = (await call("GET", "/openapi.json")).body;
@@ -197,5 +283,15 @@ describe("OpenAPI", () => {
     expect(productId.schema).toMatchObject({ type: "integer", minimum: 1 });
     const limit = doc.paths["/api/products"].get.parameters.find((p: { name: string }) => p.name === "limit");
     expect(limit.schema).toMatchObject({ type: "integer", minimum: 1, maximum: 100, default: 20 });
+  });
+
+  it("documents maxPerUser on the product and in the admin create and PATCH bodies", async () => {
+    const { schemas } = (await call("GET", "/openapi.json")).body.components;
+    expect(schemas.Product.required).toContain("maxPerUser");
+    expect(schemas.Product.properties.maxPerUser.type).toEqual(["integer", "null"]);
+    for (const body of [schemas.CreateProduct, schemas.UpdateProduct]) {
+      expect(body.required ?? []).not.toContain("maxPerUser");
+      expect(body.properties.maxPerUser).toMatchObject({ type: ["integer", "null"], minimum: 1 });
+    }
   });
 });
