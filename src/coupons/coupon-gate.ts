@@ -49,7 +49,8 @@ import type { UserCoupon } from "./schemas";
 
 /**
  * The layout of this object's storage: storage without this marker (or with another) is rebuilt from D1 on
- * waking. Bump it with any change to the tables below.
+ * waking. Bump it with any change to the tables below, except a new column of `coupon`: that row is
+ * rewritten from D1 by the reconciliation every life runs before its first admission.
  */
 export const STORAGE_VERSION = 2;
 
@@ -103,6 +104,9 @@ export class CouponGate extends DurableObject<Env> {
       min_order_amount INTEGER NOT NULL, total_quantity INTEGER NOT NULL, issued_count INTEGER NOT NULL,
       issue_starts_at TEXT, issue_ends_at TEXT, valid_days INTEGER NOT NULL,
       CHECK (issued_count >= 0 AND issued_count <= total_quantity))`);
+    const columns = this.sql.exec<{ name: string }>("PRAGMA table_info(coupon)").toArray().map((c) => c.name);
+    // Objects from before capped PERCENT coupons: the column is added here and filled at the next reconciliation.
+    if (!columns.includes("max_discount_amount")) this.sql.exec("ALTER TABLE coupon ADD COLUMN max_discount_amount INTEGER");
     this.sql.exec("CREATE TABLE IF NOT EXISTS holders (user_id INTEGER PRIMARY KEY)");
     this.sql.exec("CREATE TABLE IF NOT EXISTS pending (user_id INTEGER PRIMARY KEY)");
     this.sql.exec("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)");
@@ -215,9 +219,10 @@ export class CouponGate extends DurableObject<Env> {
 
   private insertTerms(c: CouponTerms): void {
     this.sql.exec(
-      "INSERT INTO coupon VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-      c.id, c.name, c.discount_type, c.discount_value, c.min_order_amount, c.total_quantity, c.issued_count,
-      c.issue_starts_at, c.issue_ends_at, c.valid_days,
+      `INSERT INTO coupon (id, name, discount_type, discount_value, min_order_amount, max_discount_amount, total_quantity,
+         issued_count, issue_starts_at, issue_ends_at, valid_days) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      c.id, c.name, c.discount_type, c.discount_value, c.min_order_amount, c.max_discount_amount, c.total_quantity,
+      c.issued_count, c.issue_starts_at, c.issue_ends_at, c.valid_days,
     );
   }
 
@@ -329,6 +334,7 @@ function toUserCoupon(coupon: CouponTerms, id: number, issue: PendingIssue): Use
     discountType: coupon.discount_type,
     discountValue: coupon.discount_value,
     minOrderAmount: coupon.min_order_amount,
+    maxDiscountAmount: coupon.max_discount_amount,
     status: "AVAILABLE",
     issuedAt: issue.issuedAt,
     expiresAt: issue.expiresAt,

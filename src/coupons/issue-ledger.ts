@@ -8,6 +8,7 @@ export type CouponTerms = {
   discount_type: "FIXED" | "PERCENT";
   discount_value: number;
   min_order_amount: number;
+  max_discount_amount: number | null;
   total_quantity: number;
   issued_count: number;
   issue_starts_at: string | null;
@@ -26,8 +27,8 @@ export interface PendingIssue {
   expiresAt: string;
 }
 
-const COUPON_TERMS = `SELECT id, name, discount_type, discount_value, min_order_amount, total_quantity, issued_count,
-                             issue_starts_at, issue_ends_at, valid_days
+const COUPON_TERMS = `SELECT id, name, discount_type, discount_value, min_order_amount, max_discount_amount, total_quantity,
+                             issued_count, issue_starts_at, issue_ends_at, valid_days
                       FROM coupons WHERE id = ?`;
 
 /** User ids per lookup statement: about 80 KB of JSON, far inside D1's limit on one bound value. */

@@ -35,6 +35,13 @@ export const CreateCouponBody = z
       .openapi({ description: "FIXED: won off (1..10,000,000); PERCENT: percent off (1..100)" }),
     totalQuantity: z.number().int().min(1).max(MAX_COUPON_QUANTITY),
     minOrderAmount: z.number().int().min(0).max(MAX_MIN_ORDER_AMOUNT).default(0),
+    maxDiscountAmount: z
+      .number()
+      .int()
+      .min(1)
+      .max(BALANCE_LIMIT)
+      .optional()
+      .openapi({ description: "PERCENT only: the discount never passes this many won (1..10,000,000); none when left out" }),
     issueStartsAt: Instant.optional().openapi({ description: "First instant it may be issued (inclusive)" }),
     issueEndsAt: Instant.optional().openapi({ description: "Last instant it may be issued (inclusive)" }),
     validDays: z.number().int().min(1).max(MAX_VALID_DAYS).openapi({ description: "A user coupon expires this many days after issue" }),
@@ -42,6 +49,9 @@ export const CreateCouponBody = z
   .superRefine((body, ctx) => {
     if (body.discountType === "PERCENT" && body.discountValue > 100) {
       ctx.addIssue({ code: "custom", path: ["discountValue"], message: "A PERCENT discount is 1..100" });
+    }
+    if (body.discountType === "FIXED" && body.maxDiscountAmount !== undefined) {
+      ctx.addIssue({ code: "custom", path: ["maxDiscountAmount"], message: "Only a PERCENT coupon takes a maxDiscountAmount" });
     }
     if (body.issueStartsAt && body.issueEndsAt && Date.parse(body.issueEndsAt) <= Date.parse(body.issueStartsAt)) {
       ctx.addIssue({ code: "custom", path: ["issueEndsAt"], message: "Must be after issueStartsAt" });
@@ -58,6 +68,7 @@ export const CouponSchema = z
     discountType: DiscountType,
     discountValue: z.number().int(),
     minOrderAmount: z.number().int(),
+    maxDiscountAmount: z.number().int().nullable().openapi({ description: "PERCENT only: the most it takes off, in won; null: no cap" }),
     totalQuantity: z.number().int(),
     issuedCount: z.number().int(),
     issueStartsAt: Timestamp.nullable(),
@@ -78,6 +89,7 @@ export const UserCouponSchema = z
     discountType: DiscountType,
     discountValue: z.number().int(),
     minOrderAmount: z.number().int(),
+    maxDiscountAmount: z.number().int().nullable().openapi({ description: "PERCENT only: the most it takes off, in won; null: no cap" }),
     status: z.enum(["AVAILABLE", "USED", "EXPIRED"]),
     issuedAt: Timestamp,
     expiresAt: Timestamp,

@@ -81,7 +81,7 @@ export async function seedGate(
   state: { issuedCount: number; range?: [number, number]; holders?: number[]; pending?: number[]; version?: number | null },
 ): Promise<void> {
   const terms = await env.DB.prepare(
-    `SELECT id, name, discount_type, discount_value, min_order_amount, total_quantity, issued_count,
+    `SELECT id, name, discount_type, discount_value, min_order_amount, max_discount_amount, total_quantity, issued_count,
             issue_starts_at, issue_ends_at, valid_days FROM coupons WHERE id = ?`,
   )
     .bind(couponId)
@@ -90,9 +90,10 @@ export async function seedGate(
   await runInDurableObject(gateOf(couponId), (_instance, durable) => {
     const sql = durable.storage.sql;
     sql.exec(
-      "INSERT INTO coupon VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-      c.id, c.name, c.discount_type, c.discount_value, c.min_order_amount, c.total_quantity, state.issuedCount,
-      c.issue_starts_at, c.issue_ends_at, c.valid_days,
+      `INSERT INTO coupon (id, name, discount_type, discount_value, min_order_amount, max_discount_amount, total_quantity,
+         issued_count, issue_starts_at, issue_ends_at, valid_days) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      c.id, c.name, c.discount_type, c.discount_value, c.min_order_amount, c.max_discount_amount, c.total_quantity,
+      state.issuedCount, c.issue_starts_at, c.issue_ends_at, c.valid_days,
     );
     if (state.range) {
       sql.exec(
