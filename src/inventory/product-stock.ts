@@ -1,6 +1,8 @@
 import { DurableObject } from "cloudflare:workers";
 import { DAY_MS } from "../lib/clock";
 import { describeError, log } from "../lib/log";
+import { dispatchOutbox, queuesOf } from "../orders/outbox";
+import { OrderGroup, type GroupOutcome, type SingleProductOrder } from "./order-group";
 import { isCommitted, readProductSnapshot } from "./stock-ledger";
 
 // One object per product: the authority on how much of it may still be promised to orders, and to whom.
@@ -87,6 +89,7 @@ export class ProductStock extends DurableObject<Env> {
   /** The alarm this life asked storage for; `set` settles once storage has it. Null when none is known. */
   private alarmSet: { at: number; set: Promise<void> } | null = null;
   private alarmFailures = 0;
+  private orders: OrderGroup | null = null;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
@@ -118,6 +121,23 @@ export class ProductStock extends DurableObject<Env> {
     if (refusal) return this.refusal(refusal, userId);
     await this.hold(orderKey, { quantity, user_id: userId, kind: "SALE" });
     return { ok: true, available: this.available() };
+  }
+
+  /**
+   * An order of this product alone, from reservation to commit: reserved here at once (or refused), then
+   * written to D1 with the other orders admitted meanwhile in one group commit (see order-group.ts). The
+   * caller hears back once its rows are committed; whatever happens to the caller, this object finishes
+   * the order and settles its units.
+   */
+  async placeOrder(productId: number, order: SingleProductOrder): Promise<{ stock: ReserveResult; outcome?: GroupOutcome }> {
+    const stock = await this.reserve(productId, order.orderKey, order.quantity, order.userId);
+    if (!stock.ok) return { stock };
+    return { stock, outcome: await this.orderGroup(productId).submit(order) };
+  }
+
+  /** D1 write batches of order groups and the orders in them, since this life began: for operations. */
+  async groupCounters(): Promise<{ writeBatches: number; ordersWritten: number }> {
+    return this.orders?.counters ?? { writeBatches: 0, ordersWritten: 0 };
   }
 
   /** What `reserve` would answer, without taking anything: to name the first of several refusals. */
@@ -178,14 +198,14 @@ export class ProductStock extends DurableObject<Env> {
   async adjust(productId: number, patch: StockPatch): Promise<AdjustResult> {
     if (!(await this.load(productId))) return { ok: false, reason: "PRODUCT_NOT_FOUND" };
     const delta = patch.stockDelta;
-    // A tighter limit applies at once (it can only refuse more); D1 copies it into each purchase row.
-    const limit = patch.maxPerUser === undefined ? undefined : patch.maxPerUser;
+    if (delta < 0 && this.available() + delta < 0) return { ok: false, reason: "OUT_OF_STOCK" };
+    // A tighter limit applies before D1 has it (it can only refuse more); a looser one only after, so no
+    // order admitted under it can meet D1's CHECK with the old limit copied into its purchase row.
+    const limit = patch.maxPerUser;
     const previousLimit = this.maxPerUser;
-    if (limit !== undefined) this.maxPerUser = limit;
-    if (delta < 0) {
-      if (this.available() + delta < 0) return { ok: false, reason: "OUT_OF_STOCK" };
-      this.stock += delta;
-    }
+    const tighter = limit !== undefined && limit !== null && (previousLimit === null || limit < previousLimit);
+    if (tighter) this.maxPerUser = limit;
+    if (delta < 0) this.stock += delta;
     try {
       const row = await this.env.DB.prepare(
         `UPDATE products SET stock = stock + ?1, name = coalesce(?2, name), price = coalesce(?3, price), updated_at = ?4,
@@ -196,10 +216,11 @@ export class ProductStock extends DurableObject<Env> {
         .first<ProductRecord>();
       if (!row) throw new Error(`product ${productId} vanished from D1`);
       if (delta > 0) this.stock += delta;
+      if (limit !== undefined) this.maxPerUser = limit;
       return { ok: true, product: row };
     } catch (error) {
       if (delta < 0) this.stock -= delta;
-      if (limit !== undefined) this.maxPerUser = previousLimit;
+      this.maxPerUser = previousLimit;
       if (error instanceof Error && error.message.includes("products_stock_non_negative")) {
         await this.resync(productId);
         return { ok: false, reason: "OUT_OF_STOCK" };
@@ -247,6 +268,17 @@ export class ProductStock extends DurableObject<Env> {
     }
     const next = this.earliestExpiry();
     if (next !== null) await this.armAlarm(next);
+  }
+
+  private orderGroup(productId: number): OrderGroup {
+    this.orders ??= new OrderGroup(this.env.DB, productId, {
+      committed: (key) => this.settle(key, true),
+      released: (key) => void this.drop(key),
+      unknown: (key) => void this.settleSoon(productId, key),
+      resync: () => void this.resync(productId),
+      dispatch: (outbox, now) => this.ctx.waitUntil(dispatchOutbox(this.env.DB, queuesOf(this.env), outbox, now)),
+    });
+    return this.orders;
   }
 
   private async settleExpired(): Promise<void> {

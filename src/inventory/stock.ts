@@ -1,6 +1,7 @@
-import { AppError } from "../lib/errors";
+import { AppError, OutcomeUnknownError } from "../lib/errors";
 import { describeError, log } from "../lib/log";
-import type { AdjustResult, ReserveResult, StockPatch, StockRefusal } from "./product-stock";
+import type { SingleProductOrder } from "./order-group";
+import type { AdjustResult, ProductStock, ReserveResult, StockPatch, StockRefusal } from "./product-stock";
 
 // The Worker's side of the per-product stock objects. A call that throws (the object overloaded, reset
 // or unreachable) is answered 503 SERVICE_UNAVAILABLE, never a 500; and what the call may have taken
@@ -84,6 +85,29 @@ function refusalError(line: StockLine, result: Refused): AppError {
         `Product ${line.productId} allows ${result.maxPerUser} per customer; ${result.held} already held, ${line.quantity} asked`,
       );
   }
+}
+
+/**
+ * An order of one product, placed by that product's object from reservation to commit (group commit).
+ * Returns the order as JSON text, or throws its refusal. A call that throws before reaching the object
+ * (overloaded) is a plain 503; any other may have placed the order, so its outcome is unknown.
+ */
+export async function placeSingleProductOrder(env: Env, line: StockLine, order: SingleProductOrder): Promise<string> {
+  let result: Awaited<ReturnType<DurableObjectStub<ProductStock>["placeOrder"]>>;
+  try {
+    result = await stockObject(env, line.productId).placeOrder(line.productId, order);
+  } catch (error) {
+    log("error", "stock object order call failed", { productId: line.productId, ...describeError(error) });
+    if ((error as { overloaded?: unknown } | null)?.overloaded === true) {
+      throw new AppError("SERVICE_UNAVAILABLE", "The product is busy; retry shortly");
+    }
+    throw new OutcomeUnknownError("The order may or may not have been placed; retry with the same Idempotency-Key", { cause: error });
+  }
+  if (!result.stock.ok) throw refusalError(line, result.stock);
+  const outcome = result.outcome!;
+  if (outcome.ok) return outcome.body;
+  if (outcome.outcomeUnknown) throw new OutcomeUnknownError(outcome.detail);
+  throw new AppError(outcome.code, outcome.detail);
 }
 
 /**

@@ -4,6 +4,7 @@ import type { Clock } from "../lib/clock";
 import type { PlaceOrder } from "./schemas";
 import {
   commitStock,
+  placeSingleProductOrder,
   releaseStock,
   reserveStock,
   resyncStock,
@@ -35,7 +36,9 @@ export interface PlaceOrderDeps {
 }
 
 /**
- * Places an order paid from the wallet, all or nothing:
+ * Places an order paid from the wallet, all or nothing. An order of one product (the drop's case) is
+ * placed by that product's stock object, which group-commits its orders (src/inventory/order-group.ts).
+ * An order over several products is placed here:
  * 1. reserve stock in each product's object first (the seed checks stock before payment, and a sold-out
  *    product then refuses without touching D1);
  * 2. read prices, balance and coupon; refuse what is certainly refused;
@@ -52,6 +55,19 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
   // Under an Idempotency-Key the order key is the claim's effect: every run of the request (a retry that
   // took over a crashed or slow first run) writes the same UNIQUE order key, so only one order exists.
   const orderKey = deps.claim ? `idem:${deps.claim.effectRef}` : crypto.randomUUID();
+  const [only, ...more] = input.items;
+  if (more.length === 0) {
+    // One product: its object places the order from reservation to commit, in a group commit with the
+    // product's other orders (the lookup of an order already placed under this key is in its read).
+    return placeSingleProductOrder(env, only!, {
+      orderKey,
+      userId,
+      quantity: only!.quantity,
+      userCouponId: input.userCouponId ?? null,
+      now: deps.clock.now().toISOString(),
+      claim: deps.claim,
+    });
+  }
   if (deps.claim) {
     const placed = await placedOrderJson(env.DB, orderKey).catch(unavailable);
     if (placed !== null) return placed;

@@ -4,6 +4,7 @@ import { describe, expect, it } from "vitest";
 import { adminToken, call, tokenFor } from "../helpers/api";
 import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
 import { makeProduct, makeUser } from "../helpers/factories";
+import { inject } from "../helpers/faults";
 import type { ProductStock } from "../../src/inventory/product-stock";
 import { systemClock } from "../../src/lib/clock";
 import { placeOrder } from "../../src/orders/place-order";
@@ -153,10 +154,11 @@ describe("the product's stock object", () => {
 });
 
 describe("an order batch whose reply is lost", () => {
-  it("answers 503 and has the stock object settle the order against D1 within seconds, counting it sold", async () => {
+  it("over several products: answers 503 and the stock objects settle the order against D1 within seconds", async () => {
     const user = await makeUser();
     await fund(user.id, 10_000);
     const product = await makeProduct({ price: 1_000, stock: 5 });
+    const other = await makeProduct({ price: 1_000, stock: 5 });
     // D1 commits the batch, but the Worker sees an error (a connection lost after the commit).
     const lossyDb = {
       prepare: (query: string) => env.DB.prepare(query),
@@ -170,22 +172,57 @@ describe("an order batch whose reply is lost", () => {
     const lossyEnv = { DB: lossyDb, PRODUCT_STOCK: env.PRODUCT_STOCK } as unknown as Env;
     const noQueues = { stats: {} as Queue, export: {} as Queue };
     const failure = await placeOrder({ env: lossyEnv, clock: systemClock, queues: noQueues, defer: () => {}, claim: null }, user.id, {
-      items: [{ productId: product.id, quantity: 2 }],
+      items: [
+        { productId: product.id, quantity: 2 },
+        { productId: other.id, quantity: 1 },
+      ],
     }).catch((error: unknown) => error);
     expect(failure).toBeInstanceOf(OutcomeUnknownError);
     expect((failure as OutcomeUnknownError).status).toBe(503);
+    await expectSettledAsSold(product.id, { before: { stock: 5, reserved: 2, available: 3 }, after: 3 });
+  });
 
-    expect((await one<{ stock: number }>("SELECT stock FROM products WHERE id = ?", product.id)).stock).toBe(3);
-    const stub = stockObject(product.id);
-    // Not released: the object still counts the 2 units as taken, so it never offers more than D1 has...
-    expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 2, available: 3 });
-    // ...and it settles them within seconds, not at the end of the 120 s reservation.
-    await runInDurableObject(stub, async (instance: ProductStock, state) => {
-      const { expires_at } = state.storage.sql.exec<{ expires_at: number }>("SELECT expires_at FROM reservations").one();
-      expect(expires_at - Date.now()).toBeLessThanOrEqual(5_000);
-      state.storage.sql.exec("UPDATE reservations SET expires_at = 0");
-      await instance.alarm();
-    });
-    expect(await stub.snapshot(product.id)).toEqual({ stock: 3, reserved: 0, available: 3 });
+  it("of one product (group commit): answers 503 and the object settles the order against D1 within seconds", async () => {
+    const user = await makeUser();
+    await fund(user.id, 10_000);
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    await stockObject(product.id).snapshot(product.id);
+    const restore = inject(
+      env.DB,
+      "batch",
+      (batch) =>
+        (async (statements: D1PreparedStatement[]) => {
+          const results = await batch(statements);
+          // The group's read batch has 4 statements; its write many more: that reply is lost.
+          if (statements.length > 4) throw new Error("Network connection lost.");
+          return results;
+        }) as typeof batch,
+    );
+    let res;
+    try {
+      res = await call("POST", "/api/orders", { token: await tokenFor(user.id), body: { items: [{ productId: product.id, quantity: 2 }] } });
+    } finally {
+      restore();
+    }
+    expect(res.status).toBe(503);
+    expect(res.headers.get("Retry-After")).toBe("1");
+    await expectSettledAsSold(product.id, { before: { stock: 5, reserved: 2, available: 3 }, after: 3 });
+    expect(await walletInvariant(user.id)).toEqual({ balance: 8_000, ledger: 8_000, newest: 8_000 });
   });
 });
+
+/** D1 has the order; the object still counts its units as taken, and settles them within seconds. */
+async function expectSettledAsSold(productId: number, expected: { before: unknown; after: number }) {
+  expect((await one<{ stock: number }>("SELECT stock FROM products WHERE id = ?", productId)).stock).toBe(expected.after);
+  const stub = stockObject(productId);
+  // Not released: the object never offers more than D1 has...
+  expect(await stub.snapshot(productId)).toEqual(expected.before);
+  // ...and it settles them within seconds, not at the end of the 120 s reservation.
+  await runInDurableObject(stub, async (instance: ProductStock, state) => {
+    const { expires_at } = state.storage.sql.exec<{ expires_at: number }>("SELECT expires_at FROM reservations").one();
+    expect(expires_at - Date.now()).toBeLessThanOrEqual(5_000);
+    state.storage.sql.exec("UPDATE reservations SET expires_at = 0");
+    await instance.alarm();
+  });
+  expect(await stub.snapshot(productId)).toEqual({ stock: expected.after, reserved: 0, available: expected.after });
+}

@@ -186,15 +186,28 @@ describe("the object never drifts from D1", () => {
 
 describe("an object that fails the call", () => {
   type StockStub = ReturnType<typeof stockObject>;
-  /** Stock objects whose `reserve` throws, before or after it took effect. */
-  function failingReserve(mode: "before" | "after"): () => void {
+  type Mode = "overloaded" | "reply lost";
+  /**
+   * Stock objects whose calls that take stock (`reserve`, and `placeOrder` for a one-product order)
+   * throw: "overloaded" before reaching the object, "reply lost" after it did its work.
+   */
+  function failingObjects(mode: Mode): () => void {
+    const fail = () =>
+      mode === "overloaded"
+        ? Object.assign(new Error("Durable Object is overloaded (injected)"), { overloaded: true })
+        : new Error("Network connection lost (injected)");
     return inject(env.PRODUCT_STOCK, "get", (get) => (id) => {
       const stub = get(id) as StockStub;
+      const failing =
+        <A extends unknown[]>(call: (...args: A) => Promise<unknown>) =>
+        async (...args: A) => {
+          if (mode === "reply lost") await call(...args);
+          throw fail();
+        };
       return {
-        reserve: async (...args: Parameters<StockStub["reserve"]>) => {
-          if (mode === "after") await stub.reserve(...args);
-          throw Object.assign(new Error("Durable Object is overloaded (injected)"), { overloaded: true });
-        },
+        reserve: failing((...args: Parameters<StockStub["reserve"]>) => stub.reserve(...args)),
+        placeOrder: failing((...args: Parameters<StockStub["placeOrder"]>) => stub.placeOrder(...args)),
+        check: (...args: Parameters<StockStub["check"]>) => stub.check(...args),
         release: (...args: Parameters<StockStub["release"]>) => stub.release(...args),
         commit: (...args: Parameters<StockStub["commit"]>) => stub.commit(...args),
         settleSoon: (...args: Parameters<StockStub["settleSoon"]>) => stub.settleSoon(...args),
@@ -203,24 +216,53 @@ describe("an object that fails the call", () => {
     });
   }
 
-  for (const mode of ["before", "after"] as const) {
-    it(`answers 503 with Retry-After and holds nothing when it fails ${mode} reserving`, async () => {
-      const product = await makeProduct({ price: 100, stock: 2 });
-      const user = await buyer();
-      const restore = failingReserve(mode);
-      let res;
-      try {
-        res = await call("POST", "/api/orders", { token: user.token, body: { items: [{ productId: product.id, quantity: 2 }] } });
-      } finally {
-        restore();
-      }
+  async function orderWhileFailing(mode: Mode, items: { productId: number; quantity: number }[]) {
+    const user = await buyer();
+    const restore = failingObjects(mode);
+    try {
+      return { user, res: await call("POST", "/api/orders", { token: user.token, body: { items } }) };
+    } finally {
+      restore();
+    }
+  }
+
+  it("overloaded: 503 with Retry-After, nothing held, nothing sold (one product and several)", async () => {
+    const product = await makeProduct({ price: 100, stock: 2 });
+    const other = await makeProduct({ price: 100, stock: 2 });
+    for (const items of [[{ productId: product.id, quantity: 2 }], [{ productId: product.id, quantity: 2 }, { productId: other.id, quantity: 1 }]]) {
+      const { user, res } = await orderWhileFailing("overloaded", items);
       expectProblem(res, 503, "SERVICE_UNAVAILABLE");
       expect(res.headers.get("Retry-After")).toBe("1");
-      expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 2, reserved: 0, available: 2 });
-      expect(await soldUnits(product.id)).toEqual({ stock: 2, units: 0 });
       expect(await walletInvariantOf(user.id)).toBe(100_000);
-    });
-  }
+    }
+    for (const p of [product, other]) {
+      expect(await stockObject(p.id).snapshot(p.id)).toEqual({ stock: 2, reserved: 0, available: 2 });
+      expect(await soldUnits(p.id)).toEqual({ stock: 2, units: 0 });
+    }
+  });
+
+  it("a reply lost after reserving (several products): 503, and the reservation is released", async () => {
+    const product = await makeProduct({ price: 100, stock: 2 });
+    const other = await makeProduct({ price: 100, stock: 2 });
+    const { user, res } = await orderWhileFailing("reply lost", [{ productId: product.id, quantity: 2 }, { productId: other.id, quantity: 1 }]);
+    expectProblem(res, 503, "SERVICE_UNAVAILABLE");
+    expect(res.headers.get("Retry-After")).toBe("1");
+    for (const p of [product, other]) {
+      expect(await stockObject(p.id).snapshot(p.id)).toEqual({ stock: 2, reserved: 0, available: 2 });
+      expect(await soldUnits(p.id)).toEqual({ stock: 2, units: 0 });
+    }
+    expect(await walletInvariantOf(user.id)).toBe(100_000);
+  });
+
+  it("a reply lost after a one-product order was placed: 503 (outcome unknown), placed once, nothing held", async () => {
+    const product = await makeProduct({ price: 100, stock: 2 });
+    const { user, res } = await orderWhileFailing("reply lost", [{ productId: product.id, quantity: 2 }]);
+    expectProblem(res, 503, "SERVICE_UNAVAILABLE");
+    expect(res.body.detail).toMatch(/may or may not/);
+    expect(await soldUnits(product.id)).toEqual({ stock: 0, units: 2 });
+    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 0, reserved: 0, available: 0 });
+    expect(await walletInvariantOf(user.id)).toBe(99_800);
+  });
 
   it("a coupon gate that fails answers 503 with Retry-After", async () => {
     const coupon = await makeCoupon({ totalQuantity: 5 });

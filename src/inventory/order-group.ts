@@ -1,0 +1,241 @@
+import { isConstraintViolation } from "../db/errors";
+import { AppError, type ErrorCode } from "../lib/errors";
+import type { Claim } from "../lib/idempotency";
+import { describeError, log } from "../lib/log";
+import {
+  COUPON_FOR_ORDER_SQL,
+  orderStatements,
+  priceOrder,
+  translateWriteError,
+  writtenOrder,
+  type CouponForOrder,
+  type OrderToWrite,
+  type ProductPrice,
+  type WrittenOrder,
+} from "../orders/order-ledger";
+import { orderJsonSql } from "../orders/queries";
+import type { OutboxRow } from "../orders/outbox";
+
+// Group commit for the orders of one product, run by its stock object after it reserved their units:
+// whatever is admitted while one group is being written forms the next group, which costs one D1 read
+// batch (prices, balances, coupons, orders already placed under the same keys) and one D1 write batch
+// (every row of every order in it), however many orders it holds. Each caller hears back once its own
+// rows are committed.
+//
+// On each failure:
+// - An order refused by its checks (coupon, balance) fails alone before the write; its units go back.
+// - The write batch refused by a constraint (a balance spent, a coupon used meanwhile): the batch is one
+//   transaction, so the group is written again one order per batch, and only the order a constraint
+//   refuses fails (its units go back; a stock CHECK also re-syncs the object).
+// - The read fails: nothing was written; every order of the group gets 503 and its units go back.
+// - The write fails otherwise (D1 down, reply lost): it may have committed. Every order of the group is
+//   answered 503 "outcome unknown" and its reservation is settled against D1 within seconds.
+
+/** Orders per group: about a dozen statements each, far inside D1's limits per batch and invocation. */
+const MAX_GROUP = 40;
+
+export interface SingleProductOrder {
+  orderKey: string;
+  userId: number;
+  quantity: number;
+  userCouponId: number | null;
+  /** The Worker's clock: the object never reads the wall clock for a business decision. */
+  now: string;
+  claim: Claim | null;
+}
+
+export type GroupOutcome =
+  | { ok: true; body: string }
+  | { ok: false; code: ErrorCode; detail: string; outcomeUnknown?: boolean };
+
+/** What the group tells the stock object about each order's units. */
+export interface GroupHooks {
+  committed(orderKey: string): void;
+  released(orderKey: string): void;
+  unknown(orderKey: string): void;
+  resync(): void;
+  dispatch(outbox: OutboxRow[], now: string): void;
+}
+
+interface Waiting {
+  order: SingleProductOrder;
+  answer(outcome: GroupOutcome): void;
+}
+
+interface Priced extends Waiting {
+  row: OrderToWrite;
+}
+
+export class OrderGroup {
+  private readonly waiting: Waiting[] = [];
+  private flushing = false;
+  /** D1 write batches and the orders they committed, for operations and the benchmark. */
+  readonly counters = { writeBatches: 0, ordersWritten: 0 };
+
+  constructor(
+    private readonly db: D1Database,
+    private readonly productId: number,
+    private readonly hooks: GroupHooks,
+  ) {}
+
+  submit(order: SingleProductOrder): Promise<GroupOutcome> {
+    return new Promise((answer) => {
+      this.waiting.push({ order, answer });
+      if (!this.flushing) {
+        this.flushing = true;
+        void this.flush();
+      }
+    });
+  }
+
+  private async flush(): Promise<void> {
+    try {
+      while (this.waiting.length > 0) {
+        const group = this.waiting.splice(0, MAX_GROUP);
+        await this.run(group).catch((error: unknown) => {
+          // Not expected (run answers its own failures), but no caller may be left waiting forever.
+          log("error", "order group crashed", { productId: this.productId, ...describeError(error) });
+          for (const w of group) this.unknown(w, error);
+        });
+      }
+    } finally {
+      this.flushing = false;
+    }
+  }
+
+  private async run(group: Waiting[]): Promise<void> {
+    let inputs: GroupInputs;
+    try {
+      inputs = await readGroupInputs(this.db, this.productId, group.map((w) => w.order));
+    } catch (error) {
+      log("error", "order group: D1 read failed", { productId: this.productId, ...describeError(error) });
+      for (const w of group) this.refuse(w, new AppError("SERVICE_UNAVAILABLE", "The order could not be placed right now; retry shortly"));
+      return;
+    }
+    const priced: Priced[] = [];
+    for (const w of group) {
+      const placed = inputs.placed.get(w.order.orderKey);
+      if (placed !== undefined) {
+        // Another run of this same keyed request committed it: its units are sold once (see settle).
+        this.hooks.committed(w.order.orderKey);
+        w.answer({ ok: true, body: placed });
+        continue;
+      }
+      try {
+        priced.push({ ...w, row: inputs.price(w.order) });
+      } catch (error) {
+        this.refuse(w, error);
+      }
+    }
+    if (priced.length > 0) await this.write(priced);
+  }
+
+  private async write(group: Priced[]): Promise<void> {
+    const perOrder = group.map((p) => orderStatements(this.db, p.order.orderKey, p.row, p.order.claim));
+    let results: D1Result<Record<string, unknown>>[];
+    try {
+      results = await this.db.batch<Record<string, unknown>>(perOrder.flat());
+    } catch (error) {
+      if (group.length > 1 && isConstraintViolation(error, "constraint failed")) {
+        // One order's constraint fails the whole transaction: write each alone, so it fails alone.
+        for (const p of group) await this.write([p]);
+        return;
+      }
+      for (const p of group) this.writeFailed(p, error);
+      return;
+    }
+    this.counters.writeBatches += 1;
+    this.counters.ordersWritten += group.length;
+    const outbox: OutboxRow[] = [];
+    let at = 0;
+    group.forEach((p, i) => {
+      const count = perOrder[i]!.length;
+      const written: WrittenOrder = writtenOrder(results.slice(at, at + count));
+      at += count;
+      outbox.push(...written.outbox);
+      this.hooks.committed(p.order.orderKey);
+      p.answer({ ok: true, body: written.body });
+    });
+    log("info", "order group committed", { productId: this.productId, orders: group.length });
+    this.hooks.dispatch(outbox, group.at(-1)!.order.now);
+  }
+
+  /** One order's own batch failed. */
+  private writeFailed(p: Priced, error: unknown): void {
+    if (isConstraintViolation(error, "orders.order_key")) {
+      // Another run of this keyed request committed first: the next group's read finds it and answers.
+      void this.submit(p.order).then(p.answer);
+      return;
+    }
+    const refusal = translateWriteError(error);
+    if (refusal instanceof AppError) {
+      if (isConstraintViolation(error, "products_stock_non_negative")) this.hooks.resync();
+      this.refuse(p, refusal);
+      return;
+    }
+    this.unknown(p, error);
+  }
+
+  private refuse(w: Waiting, error: unknown): void {
+    this.hooks.released(w.order.orderKey);
+    if (error instanceof AppError) {
+      w.answer({ ok: false, code: error.code, detail: error.message });
+      return;
+    }
+    log("error", "order group: order failed", { productId: this.productId, orderKey: w.order.orderKey, ...describeError(error) });
+    w.answer({ ok: false, code: "SERVICE_UNAVAILABLE", detail: "The order could not be placed right now; retry shortly" });
+  }
+
+  private unknown(w: Waiting, error: unknown): void {
+    log("error", "order group: write outcome unknown", { productId: this.productId, orderKey: w.order.orderKey, ...describeError(error) });
+    this.hooks.unknown(w.order.orderKey);
+    w.answer({
+      ok: false,
+      code: "SERVICE_UNAVAILABLE",
+      detail: "The order may or may not have been placed; retry with the same Idempotency-Key",
+      outcomeUnknown: true,
+    });
+  }
+}
+
+interface GroupInputs {
+  placed: Map<string, string>;
+  /** Prices one order against the group's snapshot, counting what earlier orders of the group spent. */
+  price(order: SingleProductOrder): OrderToWrite;
+}
+
+async function readGroupInputs(db: D1Database, productId: number, orders: SingleProductOrder[]): Promise<GroupInputs> {
+  const json = (values: unknown[]) => JSON.stringify(values);
+  const [productRows, userRows, couponRows, placedRows] = await db.batch<Record<string, unknown>>([
+    db.prepare("SELECT id, name, price FROM products WHERE id = ?").bind(productId),
+    db.prepare("SELECT id, balance FROM users WHERE id IN (SELECT value FROM json_each(?))").bind(json(orders.map((o) => o.userId))),
+    db
+      .prepare(`${COUPON_FOR_ORDER_SQL} WHERE uc.id IN (SELECT value FROM json_each(?))`)
+      .bind(json(orders.flatMap((o) => (o.userCouponId === null ? [] : [o.userCouponId])))),
+    db
+      .prepare(`SELECT o.order_key, ${orderJsonSql("o")} AS body FROM orders o WHERE o.order_key IN (SELECT value FROM json_each(?))`)
+      .bind(json(orders.filter((o) => o.claim !== null).map((o) => o.orderKey))),
+  ]);
+  const products = new Map((productRows!.results as unknown as ProductPrice[]).map((p) => [p.id, p]));
+  const balances = new Map(userRows!.results.map((u) => [u.id as number, u.balance as number]));
+  const coupons = new Map((couponRows!.results as unknown as CouponForOrder[]).map((c) => [c.id, c]));
+  const placed = new Map(placedRows!.results.map((r) => [r.order_key as string, r.body as string]));
+  const usedCoupons = new Set<number>();
+  return {
+    placed,
+    price(order) {
+      const balance = balances.get(order.userId);
+      if (balance === undefined) throw new AppError("USER_NOT_FOUND", `User ${order.userId} does not exist`);
+      let coupon: CouponForOrder | null = null;
+      if (order.userCouponId !== null) {
+        coupon = coupons.get(order.userCouponId) ?? null;
+        if (!coupon) throw new AppError("COUPON_NOT_USABLE", `User coupon ${order.userCouponId} does not exist`);
+        if (usedCoupons.has(coupon.id)) throw new AppError("COUPON_NOT_USABLE", "The coupon was used by another order");
+      }
+      const row = priceOrder(order.userId, [{ productId, quantity: order.quantity }], products, coupon, balance, new Date(order.now));
+      balances.set(order.userId, balance - row.paidAmount);
+      if (coupon) usedCoupons.add(coupon.id);
+      return row;
+    },
+  };
+}

@@ -1,0 +1,118 @@
+import { env } from "cloudflare:workers";
+import { describe, expect, it } from "vitest";
+import { call, expectProblem, tokenFor } from "../helpers/api";
+import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
+import { makeProduct, makeUser } from "../helpers/factories";
+import { inject } from "../helpers/faults";
+
+// One product's orders are written by its stock object in group commits: many orders per D1 batch,
+// each caller answered once its own rows are committed, and a refused order failing alone.
+
+const stockObject = (productId: number) => env.PRODUCT_STOCK.get(env.PRODUCT_STOCK.idFromName(String(productId)));
+
+async function buyers(count: number, balance = 50_000) {
+  return Promise.all(
+    Array.from({ length: count }, async () => {
+      const user = await makeUser();
+      await fund(user.id, balance);
+      return { id: user.id, token: await tokenFor(user.id) };
+    }),
+  );
+}
+
+const orderOne = (token: string, productId: number, extra: Record<string, unknown> = {}) =>
+  call("POST", "/api/orders", { token, body: { items: [{ productId, quantity: 1 }], ...extra } });
+
+describe("group commit of one product's orders", () => {
+  it("60 parallel orders are written in far fewer D1 batches, each answered with its own order", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 100 });
+    const crowd = await buyers(60);
+    const results = await Promise.all(crowd.map((b) => orderOne(b.token, product.id)));
+    expect(results.map((r) => r.status)).toEqual(crowd.map(() => 200));
+    results.forEach((r, i) => expect(r.body).toMatchObject({ userId: crowd[i]!.id, status: "COMPLETED", paidAmount: 1_000 }));
+    expect(new Set(results.map((r) => r.body.id)).size).toBe(60);
+
+    const counters = await stockObject(product.id).groupCounters();
+    expect(counters.ordersWritten).toBe(60);
+    expect(counters.writeBatches).toBeLessThan(20);
+    expect((await one<{ stock: number }>("SELECT stock FROM products WHERE id = ?", product.id)).stock).toBe(40);
+    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 40, reserved: 0, available: 40 });
+    for (const b of crowd) expect(await walletInvariant(b.id)).toEqual({ balance: 49_000, ledger: 49_000, newest: 49_000 });
+  });
+
+  it("an order whose balance was spent meanwhile fails alone and gives its unit back; its neighbours commit", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 20 });
+    const crowd = await buyers(12);
+    const spent = crowd[5]!;
+    await stockObject(product.id).snapshot(product.id);
+    // Between the group's read and its write, the victim's balance goes (a charge back, say): D1's
+    // CHECK (balance >= 0) refuses the group's batch, so each order is written alone.
+    let struck = false;
+    const restore = inject(env.DB, "batch", (batch) =>
+      (async (statements: D1PreparedStatement[]) => {
+        if (!struck && statements.length > 4) {
+          struck = true;
+          await env.DB.prepare("UPDATE users SET balance = 0 WHERE id = ?").bind(spent.id).run();
+        }
+        return batch(statements);
+      }) as typeof batch,
+    );
+    let results;
+    try {
+      results = await Promise.all(crowd.map((b) => orderOne(b.token, product.id)));
+    } finally {
+      restore();
+    }
+    expectProblem(results[5]!, 400, "INSUFFICIENT_BALANCE");
+    expect(results.filter((r) => r.status === 200)).toHaveLength(11);
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", spent.id)).toHaveLength(0);
+    expect((await one<{ stock: number }>("SELECT stock FROM products WHERE id = ?", product.id)).stock).toBe(9);
+    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 9, reserved: 0, available: 9 });
+  });
+
+  it("two orders of one user in one group: the second that the balance cannot cover fails alone", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 20 });
+    const [rich, ...others] = await buyers(6);
+    const poor = await makeUser();
+    await fund(poor.id, 1_500);
+    const token = await tokenFor(poor.id);
+    const results = await Promise.all([
+      orderOne(token, product.id),
+      orderOne(token, product.id),
+      orderOne(rich!.token, product.id),
+      ...others.map((b) => orderOne(b.token, product.id)),
+    ]);
+    expect(results.slice(0, 2).map((r) => r.status).sort()).toEqual([200, 400]);
+    expect(results.slice(0, 2).find((r) => r.status === 400)!.body.code).toBe("INSUFFICIENT_BALANCE");
+    expect(results.slice(2).every((r) => r.status === 200)).toBe(true);
+    expect(await walletInvariant(poor.id)).toEqual({ balance: 500, ledger: 500, newest: 500 });
+    await expect.poll(() => stockObject(product.id).snapshot(product.id)).toEqual({ stock: 13, reserved: 0, available: 13 });
+  });
+
+  it("one coupon on two parallel one-product orders: exactly one uses it", async () => {
+    const product = await makeProduct({ price: 5_000, stock: 20 });
+    const user = await makeUser();
+    await fund(user.id, 100_000);
+    const token = await tokenFor(user.id);
+    const couponId = await grantCoupon(user.id, { discountValue: 1_000 });
+    const results = await Promise.all([orderOne(token, product.id, { userCouponId: couponId }), orderOne(token, product.id, { userCouponId: couponId })]);
+    expect(results.map((r) => r.status).sort()).toEqual([200, 400]);
+    expect(results.find((r) => r.status === 400)!.body.code).toBe("COUPON_NOT_USABLE");
+    expect(await all("SELECT id FROM orders WHERE user_coupon_id = ?", couponId)).toHaveLength(1);
+    await expect.poll(() => stockObject(product.id).snapshot(product.id)).toEqual({ stock: 19, reserved: 0, available: 19 });
+  });
+
+  it("a keyed order retried after it committed replays it, even when the retry's reservation races the commit", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    const [b] = await buyers(1);
+    const send = () =>
+      call("POST", "/api/orders", { token: b!.token, headers: { "Idempotency-Key": "group-replay" }, body: { items: [{ productId: product.id, quantity: 1 }] } });
+    const results = await Promise.all([send(), send(), send()]);
+    const ok = results.filter((r) => r.status === 200);
+    expect(ok.length).toBeGreaterThanOrEqual(1);
+    expect(new Set(ok.map((r) => r.text)).size).toBe(1);
+    expect(results.every((r) => r.status === 200 || r.body.code === "IDEMPOTENCY_IN_PROGRESS")).toBe(true);
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
+    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 4, reserved: 0, available: 4 });
+  });
+});
