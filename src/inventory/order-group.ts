@@ -45,7 +45,8 @@ export interface SingleProductOrder {
 }
 
 export type GroupOutcome =
-  | { ok: true; body: string }
+  /** `stored`: this order's batch also stored the idempotent response (false for a replayed order). */
+  | { ok: true; body: string; stored: boolean }
   | { ok: false; code: ErrorCode; detail: string; outcomeUnknown?: boolean };
 
 /** What the group tells the stock object about each order's units. */
@@ -118,7 +119,7 @@ export class OrderGroup {
       if (placed !== undefined) {
         // Another run of this same keyed request committed it: its units are sold once (see settle).
         this.hooks.committed(w.order.orderKey);
-        w.answer({ ok: true, body: placed });
+        w.answer({ ok: true, body: placed, stored: false });
         continue;
       }
       try {
@@ -154,7 +155,7 @@ export class OrderGroup {
       at += count;
       outbox.push(...written.outbox);
       this.hooks.committed(p.order.orderKey);
-      p.answer({ ok: true, body: written.body });
+      p.answer({ ok: true, body: written.body, stored: p.order.claim !== null });
     });
     log("info", "order group committed", { productId: this.productId, orders: group.length });
     this.hooks.dispatch(outbox, group.at(-1)!.order.now);

@@ -12,6 +12,18 @@ export interface StockLine {
   quantity: number;
 }
 
+/**
+ * Products this isolate saw sold out, and until when it refuses their unkeyed one-product orders itself,
+ * without the object call (most of a drop's requests are such refusals). Stock that comes back stays
+ * hidden at most this long from other isolates; this isolate forgets the mark as soon as it gives
+ * units back itself.
+ */
+const SOLD_OUT_MARK_MS = 1_000;
+const soldOutUntil = new Map<number, number>();
+
+const markedSoldOut = (productId: number) => (soldOutUntil.get(productId) ?? 0) > Date.now();
+const forgetSoldOut = (lines: StockLine[]) => lines.forEach((l) => soldOutUntil.delete(l.productId));
+
 function stockObject(env: Env, productId: number) {
   return env.PRODUCT_STOCK.get(env.PRODUCT_STOCK.idFromName(String(productId)));
 }
@@ -92,7 +104,11 @@ function refusalError(line: StockLine, result: Refused): AppError {
  * Returns the order as JSON text, or throws its refusal. A call that throws before reaching the object
  * (overloaded) is a plain 503; any other may have placed the order, so its outcome is unknown.
  */
-export async function placeSingleProductOrder(env: Env, line: StockLine, order: SingleProductOrder): Promise<string> {
+export async function placeSingleProductOrder(env: Env, line: StockLine, order: SingleProductOrder): Promise<{ body: string; stored: boolean }> {
+  // A keyed order always asks: it may be the retry of one already placed, to be replayed.
+  if (order.claim === null && markedSoldOut(line.productId)) {
+    throw new AppError("OUT_OF_STOCK", `Product ${line.productId} is sold out`);
+  }
   let result: Awaited<ReturnType<DurableObjectStub<ProductStock>["placeOrder"]>>;
   try {
     result = await stockObject(env, line.productId).placeOrder(line.productId, order);
@@ -103,9 +119,14 @@ export async function placeSingleProductOrder(env: Env, line: StockLine, order: 
     }
     throw new OutcomeUnknownError("The order may or may not have been placed; retry with the same Idempotency-Key", { cause: error });
   }
-  if (!result.stock.ok) throw refusalError(line, result.stock);
+  if (!result.stock.ok) {
+    if (result.stock.reason === "OUT_OF_STOCK" && result.stock.available === 0) {
+      soldOutUntil.set(line.productId, Date.now() + SOLD_OUT_MARK_MS);
+    }
+    throw refusalError(line, result.stock);
+  }
   const outcome = result.outcome!;
-  if (outcome.ok) return outcome.body;
+  if (outcome.ok) return { body: outcome.body, stored: outcome.stored };
   if (outcome.outcomeUnknown) throw new OutcomeUnknownError(outcome.detail);
   throw new AppError(outcome.code, outcome.detail);
 }
@@ -125,11 +146,14 @@ export async function announceRestock(env: Env, restockKey: string, lines: Stock
 
 /** Best effort: a release that fails is settled by the object's alarm when the reservation expires. */
 export async function releaseStock(env: Env, orderKey: string, lines: StockLine[]): Promise<void> {
+  forgetSoldOut(lines);
   await Promise.allSettled(lines.map((l) => stockObject(env, l.productId).release(l.productId, orderKey)));
 }
 
 /** After the order's (or cancellation's) batch committed. A failure here is healed by the object's alarm. */
 export async function commitStock(env: Env, orderKey: string, lines: StockLine[]): Promise<void> {
+  // A cancellation's commit gives units back.
+  forgetSoldOut(lines);
   await Promise.allSettled(lines.map((l) => stockObject(env, l.productId).commit(l.productId, orderKey)));
 }
 
@@ -145,5 +169,6 @@ export async function resyncStock(env: Env, lines: StockLine[]): Promise<void> {
 
 /** Admin stock changes go through the product's object, which also writes D1. */
 export async function adjustStock(env: Env, productId: number, patch: StockPatch): Promise<AdjustResult> {
+  forgetSoldOut([{ productId, quantity: 0 }]);
   return callObject(productId, async (): Promise<AdjustResult> => stockObject(env, productId).adjust(productId, patch));
 }

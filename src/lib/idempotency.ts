@@ -131,6 +131,11 @@ export interface Claim extends ClaimRequest {
    * handler stores it UNIQUE with its effect, so two runs racing past the lock still apply it once.
    */
   effectRef: string;
+  /**
+   * Set by a handler whose committed batch carried `completeClaim`: the response is stored with the
+   * effect, so the separate write that would store it is skipped (it would match nothing anyway).
+   */
+  storedWithEffect?: boolean;
 }
 
 async function sha256Hex(text: string): Promise<string> {
@@ -229,6 +234,7 @@ async function runClaimed(
     await release(db, claim);
     return response;
   }
+  if (claim.storedWithEffect) return response;
   const body = await response.text();
   await db
     .update(idempotencyKeys)

@@ -71,6 +71,7 @@ export async function cancelOrder(deps: CancelOrderDeps, caller: Caller, orderId
       cause: error,
     });
   }
+  if (deps.claim) deps.claim.storedWithEffect = true;
   deps.defer(Promise.all([commitStock(env, key, lines), dispatchOutbox(env.DB, deps.queues, written.outbox, now.toISOString())]));
   return written.body;
 }

@@ -59,7 +59,7 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
   if (more.length === 0) {
     // One product: its object places the order from reservation to commit, in a group commit with the
     // product's other orders (the lookup of an order already placed under this key is in its read).
-    return placeSingleProductOrder(env, only!, {
+    const placed = await placeSingleProductOrder(env, only!, {
       orderKey,
       userId,
       quantity: only!.quantity,
@@ -67,6 +67,8 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
       now: deps.clock.now().toISOString(),
       claim: deps.claim,
     });
+    if (deps.claim && placed.stored) deps.claim.storedWithEffect = true;
+    return placed.body;
   }
   if (deps.claim) {
     const placed = await placedOrderJson(env.DB, orderKey).catch(unavailable);
@@ -81,6 +83,7 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
   } catch (error) {
     return settleFailedWrite(env, orderKey, lines, error);
   }
+  if (deps.claim) deps.claim.storedWithEffect = true;
   deps.defer(
     Promise.all([commitStock(env, orderKey, lines), dispatchOutbox(env.DB, deps.queues, written.outbox, written.createdAt)]),
   );

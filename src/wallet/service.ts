@@ -83,6 +83,7 @@ export async function chargeBalance(
     await getUserOrThrow(db, userId);
     throw new AppError("BALANCE_LIMIT_EXCEEDED", `The balance may not pass ${BALANCE_LIMIT} won`);
   }
+  if (claim) claim.storedWithEffect = true;
   return response[0]!.body;
 }
 

@@ -1,6 +1,6 @@
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
-import { call, expectProblem, tokenFor } from "../helpers/api";
+import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
 import { makeProduct, makeUser } from "../helpers/factories";
 import { inject } from "../helpers/faults";
@@ -114,5 +114,37 @@ describe("group commit of one product's orders", () => {
     expect(results.every((r) => r.status === 200 || r.body.code === "IDEMPOTENCY_IN_PROGRESS")).toBe(true);
     expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
     expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 4, reserved: 0, available: 4 });
+  });
+});
+
+describe("a sold-out product", () => {
+  it("refuses unkeyed orders for a second without asking its object; keyed ones and restocks still reach it", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 1 });
+    const crowd = await buyers(12);
+    expect((await orderOne(crowd[0]!.token, product.id)).status).toBe(200);
+    expectProblem(await orderOne(crowd[1]!.token, product.id), 400, "OUT_OF_STOCK");
+
+    let calls = 0;
+    const restore = inject(env.PRODUCT_STOCK, "get", (get) => (id) => {
+      calls += 1;
+      return get(id);
+    });
+    try {
+      const refusals = await Promise.all(crowd.slice(2).map((b) => orderOne(b.token, product.id)));
+      for (const r of refusals) expectProblem(r, 400, "OUT_OF_STOCK");
+      expect(calls).toBe(0);
+      const keyed = await call("POST", "/api/orders", {
+        token: crowd[2]!.token,
+        headers: { "Idempotency-Key": "sold-out-keyed" },
+        body: { items: [{ productId: product.id, quantity: 1 }] },
+      });
+      expectProblem(keyed, 400, "OUT_OF_STOCK");
+      expect(calls).toBe(1);
+    } finally {
+      restore();
+    }
+    // Stock given back through this isolate is offered at once.
+    await call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: 1 } });
+    expect((await orderOne(crowd[3]!.token, product.id)).status).toBe(200);
   });
 });
