@@ -31,8 +31,11 @@ import type { OutboxRow } from "../orders/outbox";
 // - The write fails otherwise (D1 down, reply lost): it may have committed. Every order of the group is
 //   answered 503 "outcome unknown" and its reservation is settled against D1 within seconds.
 
-/** Orders per group: about a dozen statements each, far inside D1's limits per batch and invocation. */
-const MAX_GROUP = 40;
+/**
+ * Orders per group: about a dozen statements each, so a group's write stays near 300 queries, well
+ * inside D1's 1,000 queries per invocation even with the read and a one-by-one retry of a few orders.
+ */
+const MAX_GROUP = 25;
 
 export interface SingleProductOrder {
   orderKey: string;
