@@ -1,4 +1,5 @@
 import { DurableObject } from "cloudflare:workers";
+import type { products } from "../db/schema";
 import { DAY_MS } from "../lib/clock";
 import { describeError, log } from "../lib/log";
 import { dispatchOutbox, queuesOf } from "../orders/outbox";
@@ -60,15 +61,7 @@ export type AdjustResult =
   | { ok: false; reason: "OUT_OF_STOCK" | "PRODUCT_NOT_FOUND" };
 
 /** The product row as drizzle names it, so the catalog's own mapper shapes it. */
-export interface ProductRecord {
-  id: number;
-  name: string;
-  price: number;
-  stock: number;
-  maxPerUser: number | null;
-  createdAt: string;
-  updatedAt: string;
-}
+export type ProductRecord = typeof products.$inferSelect;
 
 /** A reservation not committed or released within this long is settled against D1 by the alarm. */
 export const RESERVATION_TTL_MS = 120_000;
