@@ -13,6 +13,8 @@ export default defineConfig(async () => {
             TEST_MIGRATIONS: migrations,
             JWT_SECRET: "test-secret-not-for-production",
             DATA_PLATFORM_URL: "http://127.0.0.1:9/orders",
+            // whsec_ and the base64 of the 32 bytes 0x00..0x1f.
+            EXPORT_SIGNING_SECRET: "whsec_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
           },
         },
       }),

@@ -1,7 +1,7 @@
 // Shared by the local scripts (start, token, bench, drill): the .dev.vars file, token signing, wrangler, and
 // starting and stopping `wrangler dev` as a process group.
 import { randomBytes } from "node:crypto";
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { appendFileSync, existsSync, readFileSync, writeFileSync } from "node:fs";
 import { spawn, spawnSync } from "node:child_process";
 import { constants } from "node:os";
 import { sign } from "hono/jwt";
@@ -14,13 +14,27 @@ export const QUIET_ENV = {
   CI: process.env.CI ?? "true",
 };
 
-/** Creates .dev.vars from the example with a fresh JWT_SECRET, unless it already exists. */
+/** A Standard Webhooks secret for signing exports: whsec_ and the base64 of 32 random bytes. */
+export const newSigningSecret = () => `whsec_${randomBytes(32).toString("base64")}`;
+
+/**
+ * Creates .dev.vars from the example with a fresh JWT_SECRET and EXPORT_SIGNING_SECRET, unless it exists; an
+ * existing one that lacks EXPORT_SIGNING_SECRET gains one at its end (nothing else in it changes). Returns
+ * what it did, for the caller to print, or null.
+ */
 export function ensureDevVars() {
-  if (existsSync(DEV_VARS)) return false;
-  const example = readFileSync(".dev.vars.example", "utf8");
-  const secret = randomBytes(32).toString("base64url");
-  writeFileSync(DEV_VARS, example.replace(/^JWT_SECRET=.*$/m, `JWT_SECRET=${secret}`), { mode: 0o600 });
-  return true;
+  if (!existsSync(DEV_VARS)) {
+    const example = readFileSync(".dev.vars.example", "utf8")
+      .replace(/^JWT_SECRET=.*$/m, `JWT_SECRET=${randomBytes(32).toString("base64url")}`)
+      .replace(/^EXPORT_SIGNING_SECRET=.*$/m, `EXPORT_SIGNING_SECRET=${newSigningSecret()}`);
+    writeFileSync(DEV_VARS, example, { mode: 0o600 });
+    return "Created .dev.vars with a fresh JWT_SECRET and EXPORT_SIGNING_SECRET (kept out of git).";
+  }
+  if ("EXPORT_SIGNING_SECRET" in readDevVars()) return null;
+  const text = readFileSync(DEV_VARS, "utf8");
+  const separator = text === "" || text.endsWith("\n") ? "" : "\n";
+  appendFileSync(DEV_VARS, `${separator}# Signs every export to the data platform (see .dev.vars.example).\nEXPORT_SIGNING_SECRET=${newSigningSecret()}\n`);
+  return "Added a fresh EXPORT_SIGNING_SECRET to .dev.vars.";
 }
 
 export function readDevVars(file = DEV_VARS) {

@@ -37,8 +37,9 @@ const shutdown = onShutdown(async (signal) => {
   console.error(`npm start: ${gone ? "stopped" : "some processes survived SIGKILL"} (${Date.now() - t0} ms)`);
 });
 
-if (ensureDevVars()) console.log("Created .dev.vars with a fresh JWT_SECRET (kept out of git).");
-const { JWT_SECRET, DATA_PLATFORM_URL } = readDevVars();
+const madeDevVars = ensureDevVars();
+if (madeDevVars) console.log(madeDevVars);
+const { JWT_SECRET, DATA_PLATFORM_URL, EXPORT_SIGNING_SECRET } = readDevVars();
 
 wrangler(["d1", "migrations", "apply", "DB", "--local", "--persist-to", PERSIST]);
 wrangler(["d1", "execute", "DB", "--local", "--persist-to", PERSIST, "--file", "scripts/seed.sql"]);
@@ -57,7 +58,8 @@ Demo data is in place (users 1-3, products 1-6, coupons 1-2).
 // points elsewhere. `touch .wrangler/data-platform-down` simulates an outage (retries, then dead letters).
 const standIn = DATA_PLATFORM_URL?.startsWith("http://127.0.0.1:8788/") ?? false;
 if (standIn) {
-  platform = startDataPlatform(PLATFORM_PORT);
+  // It verifies every delivery's signature with the same secret(s) the Worker signs with.
+  platform = startDataPlatform(PLATFORM_PORT, { secret: EXPORT_SIGNING_SECRET });
   platform.on("error", (error) => {
     console.error(`data platform stand-in: ${error.message} (DATA_PLATFORM_PORT=<port> picks another port)`);
     shutdown("SIGTERM", 1);

@@ -3,11 +3,14 @@ import { exponentialBackoff } from "../lib/backoff";
 import { systemClock, type Clock } from "../lib/clock";
 import { eventOf, orderIdOf, type OrderEvent } from "../orders/outbox";
 import { exportSchemaOf, idempotencyKeyOf } from "./event";
+import { deliverySigner, type DeliverySigner } from "./signature";
 
 // Delivers order events to the data platform, at least once from the queue's side and effectively once on
 // the platform's, thanks to the Idempotency-Key: `order-<id>` for a completed order, `order-<id>-cancel` for
-// its cancellation. Each event is its own export row (order_exports is UNIQUE (order_id, event)): its
-// status, attempts, last error, backoff, dead letter and admin retry never touch the other event's row.
+// its cancellation. Every POST is signed as Standard Webhooks says (./signature.ts): `webhook-id` is the
+// Idempotency-Key, `webhook-timestamp` the attempt's time from the injected clock. Each event is its own
+// export row (order_exports is UNIQUE (order_id, event)): its status, attempts, last error, backoff, dead
+// letter and admin retry never touch the other event's row.
 // The two are not ordered: a cancellation may reach the platform before its order (say, the order's
 // export is still backing off); each is delivered on its own and the platform deduplicates each by key.
 //
@@ -18,6 +21,7 @@ import { exportSchemaOf, idempotencyKeyOf } from "./event";
 //   export, and the message is retried with exponential backoff (`backoffSeconds`).
 // - DATA_PLATFORM_URL is missing or not an http(s) URL: nothing is POSTed; the attempt is recorded with
 //   that reason as last_error (the admin export list shows it) and the message backs off like a refusal.
+// - EXPORT_SIGNING_SECRET is missing or malformed: the same; an unsigned delivery is never POSTed.
 // - D1 fails (reading the status, recording SENT or the failed attempt): the message backs off the same
 //   way. A 2xx whose SENT write failed is POSTed again on the retry; the platform deduplicates it.
 // - Retries exhausted (max_retries in wrangler.toml): the dead-letter consumer marks the export FAILED,
@@ -32,6 +36,8 @@ export interface ExportDeps {
   db: D1Database;
   /** Unchecked: a deployment may lack it, and the consumer says so rather than POSTing anywhere. */
   url: string | undefined;
+  /** EXPORT_SIGNING_SECRET, unchecked for the same reason: one `whsec_<base64>` or several, space-separated. */
+  signingSecret: string | undefined;
   send: typeof fetch;
   clock: Clock;
 }
@@ -50,11 +56,13 @@ export function platformUrlProblem(url: unknown): string | null {
 }
 
 export async function deliverExports(batch: MessageBatch, deps: ExportDeps): Promise<void> {
-  const misconfigured = platformUrlProblem(deps.url);
-  if (misconfigured) log("error", "export: not delivering", { reason: misconfigured, messages: batch.messages.length });
+  const delivery = await deliveryOf(deps);
+  if (typeof delivery === "string") {
+    log("error", "export: not delivering", { reason: delivery, messages: batch.messages.length });
+  }
   for (const message of batch.messages) {
     try {
-      await deliverMessage(message, deps, misconfigured);
+      await deliverMessage(message, deps, delivery);
     } catch (error) {
       const delaySeconds = backoffSeconds(message.attempts);
       log("warn", "export: D1 failed; will retry", {
@@ -70,7 +78,20 @@ export async function deliverExports(batch: MessageBatch, deps: ExportDeps): Pro
   }
 }
 
-async function deliverMessage(message: Message, deps: ExportDeps, misconfigured: string | null): Promise<void> {
+interface Delivery {
+  url: string;
+  signer: DeliverySigner;
+}
+
+/** Where and how to deliver, or why nothing can be delivered. */
+async function deliveryOf(deps: ExportDeps): Promise<Delivery | string> {
+  const urlProblem = platformUrlProblem(deps.url);
+  if (urlProblem) return urlProblem;
+  const signer = await deliverySigner(deps.signingSecret);
+  return "problem" in signer ? signer.problem : { url: deps.url!, signer };
+}
+
+async function deliverMessage(message: Message, deps: ExportDeps, delivery: Delivery | string): Promise<void> {
   const event = eventOf(message);
   if (event === null) return failMalformed(message, deps, "malformed export message: unknown event");
   const parsed = exportSchemaOf[event].safeParse(message.body);
@@ -89,7 +110,8 @@ async function deliverMessage(message: Message, deps: ExportDeps, misconfigured:
     message.ack();
     return;
   }
-  const error = misconfigured ?? (await post(deps.url!, deps, idempotencyKeyOf(row.orderId, row.event), body));
+  const error =
+    typeof delivery === "string" ? delivery : await post(delivery, deps, idempotencyKeyOf(row.orderId, row.event), body);
   const now = deps.clock.now().toISOString();
   if (error === null) {
     await deps.db.batch([
@@ -143,12 +165,15 @@ const completeOutboxStatement = (db: D1Database, row: { orderId: number; event: 
     .bind(now, row.orderId, row.event);
 
 /** Returns null on a 2xx, otherwise a short description of the failure. */
-async function post(url: string, deps: ExportDeps, idempotencyKey: string, body: unknown): Promise<string | null> {
+async function post(delivery: Delivery, deps: ExportDeps, idempotencyKey: string, body: unknown): Promise<string | null> {
   try {
-    const response = await deps.send(url, {
+    // The signature covers these exact bytes, so the body is serialised once.
+    const payload = JSON.stringify(body);
+    const signature = await delivery.signer.sign(idempotencyKey, deps.clock.now(), payload);
+    const response = await deps.send(delivery.url, {
       method: "POST",
-      headers: { "Content-Type": "application/json", "Idempotency-Key": idempotencyKey },
-      body: JSON.stringify(body),
+      headers: { "Content-Type": "application/json", "Idempotency-Key": idempotencyKey, ...signature },
+      body: payload,
       signal: AbortSignal.timeout(DELIVERY_TIMEOUT_MS),
     });
     if (response.ok) return null;
@@ -162,5 +187,11 @@ async function post(url: string, deps: ExportDeps, idempotencyKey: string, body:
 export async function consumeExports(batch: MessageBatch, env: Env, _ctx: ExecutionContext): Promise<void> {
   // A wrapper, not the bare `fetch`: workerd refuses fetch called with another `this`.
   const send: typeof fetch = (input, init) => fetch(input, init);
-  await deliverExports(batch, { db: env.DB, url: env.DATA_PLATFORM_URL, send, clock: systemClock });
+  await deliverExports(batch, {
+    db: env.DB,
+    url: env.DATA_PLATFORM_URL,
+    signingSecret: env.EXPORT_SIGNING_SECRET,
+    send,
+    clock: systemClock,
+  });
 }

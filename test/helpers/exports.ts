@@ -64,7 +64,13 @@ export function platform(...statuses: (number | "network-error")[]) {
     if (status === "network-error") throw new TypeError("Network connection lost.");
     return new Response(status < 300 ? "{}" : "platform says no", { status });
   }) as typeof fetch;
-  const deps: ExportDeps = { db: env.DB, url: "https://platform.test/orders", send, clock };
+  const deps: ExportDeps = {
+    db: env.DB,
+    url: "https://platform.test/orders",
+    signingSecret: env.EXPORT_SIGNING_SECRET,
+    send,
+    clock,
+  };
   return { posted, deps };
 }
 
