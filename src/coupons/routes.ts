@@ -1,6 +1,7 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import { actingUserId, authenticate } from "../lib/auth";
 import { bearer, createRouter, jsonBody, jsonResponse, problems } from "../lib/openapi";
+import { limitWrites } from "../lib/rate-limit";
 import { CouponParams, IssueBody, UserCouponSchema, UserCouponsQuery } from "./schemas";
 import { issueCoupon, listUsableCoupons } from "./service";
 
@@ -10,13 +11,14 @@ export const couponRoutes = createRouter()
   .openapi(
     createRoute({
       ...couponRoute,
+      middleware: [authenticate, limitWrites],
       method: "post",
       path: "/coupons/{couponId}/issue",
       summary: "Issue a coupon, first come first served (an admin names the userId)",
       request: { params: CouponParams, body: jsonBody(IssueBody) },
       responses: {
         200: jsonResponse(UserCouponSchema, "The issued coupon"),
-        ...problems(400, 401, 403, 404, 413, 415, 503),
+        ...problems(400, 401, 403, 404, 413, 415, 429, 503),
       },
     }),
     async (c) => {

@@ -26,6 +26,7 @@ export const ERRORS = {
   ORDER_NOT_CANCELLABLE: { status: 409, title: "The order cannot be cancelled" },
   IDEMPOTENCY_KEY_REUSED: { status: 422, title: "The idempotency key was used with another request" },
   IDEMPOTENCY_IN_PROGRESS: { status: 409, title: "A request with this idempotency key is still running" },
+  RATE_LIMITED: { status: 429, title: "Too many requests" },
   SERVICE_UNAVAILABLE: { status: 503, title: "The service is temporarily unavailable" },
   INTERNAL: { status: 500, title: "Internal server error" },
 } as const satisfies Record<string, { status: ContentfulStatusCode; title: string }>;

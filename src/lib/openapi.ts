@@ -81,7 +81,7 @@ const problemResponse = (description: string) =>
   ({ description, content: { "application/problem+json": { schema: ProblemSchema } } }) as const;
 
 /** The problem responses a route can give, for the OpenAPI document (500 is possible on every route). */
-export function problems(...statuses: (400 | 401 | 403 | 404 | 409 | 413 | 415 | 422 | 503)[]) {
+export function problems(...statuses: (400 | 401 | 403 | 404 | 409 | 413 | 415 | 422 | 429 | 503)[]) {
   const described: Record<number, string> = {
     400: "Invalid input or a business rule refused the request",
     401: "Missing, malformed, expired or wrongly signed token",
@@ -91,6 +91,7 @@ export function problems(...statuses: (400 | 401 | 403 | 404 | 409 | 413 | 415 |
     413: "Body over 1 MiB",
     415: "Body is not JSON",
     422: "Idempotency key reused with another request",
+    429: "RATE_LIMITED: too many state-changing requests from this user; nothing happened; retry after the Retry-After header's seconds",
     503: "A dependency is overloaded or unreachable; nothing was held; retry after the Retry-After header's seconds",
     500: "Something failed on the server; the problem carries the requestId to quote",
   };

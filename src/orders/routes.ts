@@ -1,6 +1,7 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import { actingUserId, authenticate } from "../lib/auth";
 import { idempotent } from "../lib/idempotency";
+import { limitWrites } from "../lib/rate-limit";
 import { runToEnd } from "../lib/run-to-end";
 import { bearer, createRouter, Id, IdempotencyKeyHeader, jsonBody, jsonResponse, jsonText, problems } from "../lib/openapi";
 import { pageQuery, pageSchema } from "../lib/pagination";
@@ -17,13 +18,14 @@ export const orderRoutes = createRouter()
   .openapi(
     createRoute({
       ...orderRoute,
+      middleware: [authenticate, limitWrites],
       method: "post",
       path: "/orders",
       summary: "Place an order paid from the wallet, optionally with a coupon; all or nothing",
       request: { headers: IdempotencyKeyHeader, body: jsonBody(PlaceOrderBody) },
       responses: {
         200: jsonResponse(OrderSchema, "The completed order"),
-        ...problems(400, 401, 403, 404, 409, 413, 415, 422, 503),
+        ...problems(400, 401, 403, 404, 409, 413, 415, 422, 429, 503),
       },
     }),
     async (c) => {
@@ -50,6 +52,7 @@ export const orderRoutes = createRouter()
   .openapi(
     createRoute({
       ...orderRoute,
+      middleware: [authenticate, limitWrites],
       method: "post",
       path: "/orders/{orderId}/cancel",
       summary:
@@ -61,7 +64,7 @@ export const orderRoutes = createRouter()
       },
       responses: {
         200: jsonResponse(OrderSchema, "The cancelled order"),
-        ...problems(400, 401, 404, 409, 413, 415, 422, 503),
+        ...problems(400, 401, 404, 409, 413, 415, 422, 429, 503),
       },
     }),
     async (c) => {
