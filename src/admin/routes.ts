@@ -7,6 +7,7 @@ import { CreateProductBody, ProductSchema, UpdateProductBody } from "../catalog/
 import { createProduct, updateProduct } from "../catalog/service";
 import { couponAdminRoutes } from "../coupons/admin-routes";
 import { exportAdminRoutes } from "../export/admin-routes";
+import { auditAdminRoutes } from "../audit/routes";
 
 const UserSchema = z
   .object({ id: z.number().int(), name: z.string(), balance: z.number().int(), createdAt: Timestamp })
@@ -20,6 +21,7 @@ const router = createRouter();
 router.use("*", authenticate, requireAdmin);
 router.route("/coupons", couponAdminRoutes);
 router.route("/exports", exportAdminRoutes);
+router.route("/audit", auditAdminRoutes);
 
 export const adminRoutes = router
   .openapi(

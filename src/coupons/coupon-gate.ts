@@ -142,6 +142,17 @@ export class CouponGate extends DurableObject<Env> {
     });
   }
 
+  /**
+   * For the audit, read-only (it never starts a reconciliation): the gate's count, or null when it is not
+   * live for `couponId` (it reconciles with D1 before its next admission). `settled`: no reconciliation or
+   * batch running and nothing pending, when the count must equal D1's issued_count.
+   */
+  async auditView(couponId: number): Promise<{ issuedCount: number; settled: boolean } | null> {
+    if (this.stale || !this.trusts(couponId)) return null;
+    const pending = this.sql.exec<{ n: number }>("SELECT count(*) AS n FROM pending").one().n;
+    return { issuedCount: this.terms().issued_count, settled: !this.reconciling && !this.flushing && pending === 0 };
+  }
+
   /** Starts a reconciliation if one is due and none is running; resolves with the running or latest one. */
   private reconcile(couponId: number): Promise<boolean> {
     if (this.stale && !this.reconciling) {

@@ -235,6 +235,17 @@ export class ProductStock extends DurableObject<Env> {
   }
 
   /**
+   * For the audit, read-only: the stock this object holds and its open entries (sales and announced
+   * restocks), or null when it has not loaded `productId` in this life (it reads D1's stock before its first
+   * decision, so there is nothing to disagree with). With no open entry, `stock` must equal D1's.
+   */
+  async auditView(productId: number): Promise<{ stock: number; reserved: number; openEntries: number } | null> {
+    if (this.productId !== productId) return null;
+    const openEntries = this.sql.exec<{ n: number }>("SELECT count(*) AS n FROM reservations").one().n;
+    return { stock: this.stock, reserved: this.reserved, openEntries };
+  }
+
+  /**
    * Settles reservations whose Worker never came back. It never throws: a failure (D1 down) sets the next
    * try itself, with backoff, so no expired reservation is ever left without an alarm.
    */

@@ -43,6 +43,7 @@ describe("operations", () => {
       "GET /api/admin/coupons/{couponId}",
       "GET /api/admin/exports",
       "POST /api/admin/exports/{exportId}/retry",
+      "GET /api/admin/audit",
     ];
     const doc = (await call("GET", "/openapi.json")).body as { paths: Record<string, Record<string, unknown>> };
     const served = Object.entries(doc.paths).flatMap(([path, ops]) => Object.keys(ops).map((m) => `${m.toUpperCase()} ${path}`));
