@@ -12,6 +12,8 @@ import {
 } from "./issue-ledger";
 import { expiryOf, isWithinIssueWindow } from "./rules";
 import type { UserCoupon } from "./schemas";
+import { ShardQuota } from "./shard-quota";
+import { gateName, initialQuota, shardOf } from "./shards";
 
 // One object per coupon: the authority on who gets it.
 //
@@ -46,6 +48,16 @@ import type { UserCoupon } from "./schemas";
 //   after the reconciliation undid it): its users are holders in D1 only and D1's count runs ahead of the
 //   object's. D1's UNIQUE refuses those users a second row and its CHECK a piece beyond the total, and the
 //   object adjusts to each refusal (above); the next reconciliation sees the counts differ and rebuilds.
+//
+// A coupon of several shards (docs/sharded-coupons.md) has one such object per shard, each deciding for the
+// users routed to it exactly as above, against its own quota instead of the total: `coupon.issued_count` is
+// then the shard's own count (issued and pending), and D1's count is the sum over shards, so waking checks
+// only the pending admissions (a late batch is still caught by D1's UNIQUE and CHECK, and a CHECK refusal
+// means the whole coupon is sold out). A shard with no free quota parks its requests and asks its siblings,
+// one at a time, for just as many pieces as it has parked requests (shard-quota.ts: a durable, exactly-once
+// transfer), so every piece in transit is bound for an admission; when every sibling has answered none, the
+// parked requests are sold out and the shard refuses at once for DRY_MS. A sibling that cannot answer makes
+// it 503 instead: its pieces might be in transit.
 
 /**
  * The layout of this object's storage: storage without this marker (or with another) is rebuilt from D1 on
@@ -62,13 +74,46 @@ export type IssueRefusal =
   | "USER_NOT_FOUND"
   | "SERVICE_UNAVAILABLE";
 
-export type IssueOutcome = { ok: true; userCoupon: UserCoupon } | { ok: false; code: IssueRefusal };
+export type IssueOutcome =
+  | { ok: true; userCoupon: UserCoupon }
+  | { ok: false; code: IssueRefusal }
+  /** The Worker routed with another shard count than the coupon's: route again with `shards`. */
+  | { ok: false; code: "MISROUTED"; shards: number };
 
 export interface IssueRequest {
   couponId: number;
   userId: number;
   /** The Worker's clock: the object never reads the wall clock for a business decision. */
   now: string;
+  /** How many shards the Worker believes the coupon has (default 1), and this object's shard among them. */
+  shards?: number;
+  shard?: number;
+}
+
+export interface GiveRequest {
+  couponId: number;
+  /** The giver's shard (this object's). */
+  shard: number;
+  taker: number;
+  transferId: string;
+  /** Pieces asked for; 0 only settles the transfer (what was given, or nothing ever). */
+  need: number;
+}
+
+export interface ShardState {
+  shard: number;
+  quota: number | null;
+  /** Issued and pending here. */
+  issued: number;
+  pending: number;
+  transfersGiven: number;
+  piecesGiven: number;
+  openIntents: number;
+}
+
+interface Parked {
+  request: IssueRequest;
+  settle(outcome: IssueOutcome | Promise<IssueOutcome>): void;
 }
 
 interface Admission extends PendingIssue {
@@ -83,7 +128,12 @@ const HOLDERS_PER_INSERT = 10_000;
 const UNIQUE_HOLDER = "user_coupons.coupon_id, user_coupons.user_id";
 const ISSUED_WITHIN_TOTAL = "coupons_issued_within_total";
 
-const refuse = (code: IssueRefusal): IssueOutcome => ({ ok: false, code });
+/** How long a shard that found every sibling dry refuses without asking them again. */
+const DRY_MS = 1_000;
+/** When a shard's alarm settles the transfers it could not finish (a lost reply, its own crash). */
+const RESOLVE_AFTER_MS = 1_000;
+
+const refuse = (code: IssueRefusal): { ok: false; code: IssueRefusal } => ({ ok: false, code });
 
 export class CouponGate extends DurableObject<Env> {
   private readonly sql: SqlStorage;
@@ -95,10 +145,20 @@ export class CouponGate extends DurableObject<Env> {
   private readonly waiting: Admission[] = [];
   private flushing = false;
   private drained: Promise<void> = Promise.resolve();
+  /** This object's shard (0 for a coupon of one shard), from its requests or its quota record. */
+  private shard = 0;
+  private readonly quota: ShardQuota;
+  /** Sharded only: requests waiting for quota from siblings, and their users (no user is parked twice). */
+  private readonly parked: Parked[] = [];
+  private readonly parkedUsers = new Map<number, Promise<IssueOutcome>>();
+  private toppingUp = false;
+  private dryUntil = 0;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
     this.sql = ctx.storage.sql;
+    this.quota = new ShardQuota(ctx.storage);
+    this.shard = this.quota.identity()?.shard ?? 0;
     this.sql.exec(`CREATE TABLE IF NOT EXISTS coupon (
       id INTEGER PRIMARY KEY, name TEXT NOT NULL, discount_type TEXT NOT NULL, discount_value INTEGER NOT NULL,
       min_order_amount INTEGER NOT NULL, total_quantity INTEGER NOT NULL, issued_count INTEGER NOT NULL,
@@ -107,29 +167,36 @@ export class CouponGate extends DurableObject<Env> {
     const columns = this.sql.exec<{ name: string }>("PRAGMA table_info(coupon)").toArray().map((c) => c.name);
     // Objects from before capped PERCENT coupons: the column is added here and filled at the next reconciliation.
     if (!columns.includes("max_discount_amount")) this.sql.exec("ALTER TABLE coupon ADD COLUMN max_discount_amount INTEGER");
+    if (!columns.includes("shards")) this.sql.exec("ALTER TABLE coupon ADD COLUMN shards INTEGER NOT NULL DEFAULT 1");
     this.sql.exec("CREATE TABLE IF NOT EXISTS holders (user_id INTEGER PRIMARY KEY)");
     this.sql.exec("CREATE TABLE IF NOT EXISTS pending (user_id INTEGER PRIMARY KEY)");
     this.sql.exec("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)");
   }
 
-  async issue({ couponId, userId, now }: IssueRequest): Promise<IssueOutcome> {
-    // Admit only when no reconciliation is running or due: one may start while this request waits.
-    while (this.stale || this.reconciling) {
-      try {
-        if (!(await this.reconcile(couponId))) return refuse("COUPON_NOT_FOUND");
-      } catch (error) {
-        log("error", "coupon gate could not read D1", { couponId, ...describeError(error) });
-        return refuse("SERVICE_UNAVAILABLE");
-      }
+  async issue(request: IssueRequest): Promise<IssueOutcome> {
+    const { couponId, userId, now } = request;
+    // Every request for one object names the same shard: the object's name is made from it.
+    this.shard = request.shard ?? 0;
+    if (this.stale || this.reconciling) {
+      const unready = await this.ready(couponId);
+      if (unready) return unready;
     }
     // No await from here until the admission is queued: the check and the write are one step.
     const coupon = this.terms();
+    if (coupon.shards !== (request.shards ?? 1)) return { ok: false, code: "MISROUTED", shards: coupon.shards };
     const issuedAt = new Date(now);
     if (!isWithinIssueWindow({ issueStartsAt: coupon.issue_starts_at, issueEndsAt: coupon.issue_ends_at }, issuedAt)) {
       return refuse("COUPON_NOT_ISSUABLE");
     }
     if (this.holds(userId)) return refuse("COUPON_ALREADY_ISSUED");
-    if (coupon.issued_count >= coupon.total_quantity) return refuse("COUPON_SOLD_OUT");
+    if (coupon.issued_count >= this.capacity(coupon)) {
+      if (coupon.shards === 1) return refuse("COUPON_SOLD_OUT");
+      // The same user again while parked: their first request decides, then this one is answered like a repeat.
+      const first = this.parkedUsers.get(userId);
+      if (first) return first.then(() => this.issue(request));
+      if (Date.now() < this.dryUntil) return refuse("COUPON_SOLD_OUT");
+      return this.park(request);
+    }
     this.admit(userId);
     return new Promise<IssueOutcome>((settle) => {
       this.waiting.push({
@@ -151,6 +218,149 @@ export class CouponGate extends DurableObject<Env> {
     if (this.stale || !this.trusts(couponId)) return null;
     const pending = this.sql.exec<{ n: number }>("SELECT count(*) AS n FROM pending").one().n;
     return { issuedCount: this.terms().issued_count, settled: !this.reconciling && !this.flushing && pending === 0 };
+  }
+
+  /** Sharded: a sibling asks for pieces of this shard's free quota (shard-quota.ts, step 2). */
+  async give({ couponId, shard, taker, transferId, need }: GiveRequest): Promise<number> {
+    this.shard = shard;
+    const unready = this.stale || this.reconciling ? await this.ready(couponId) : null;
+    if (unready) throw new Error(`coupon gate ${couponId}:${shard} cannot give: it could not load`);
+    const coupon = this.terms();
+    return this.quota.give(transferId, taker, need, this.capacity(coupon) - coupon.issued_count);
+  }
+
+  /** Read-only: what this shard holds, for admins and the bench. */
+  async shardState(couponId: number, shard: number): Promise<ShardState> {
+    this.shard = shard;
+    await this.ready(couponId);
+    const coupon = this.sql.exec<CouponTerms>("SELECT * FROM coupon").toArray()[0];
+    const given = this.quota.givenSoFar();
+    return {
+      shard,
+      quota: this.quota.pieces(),
+      issued: coupon?.issued_count ?? 0,
+      pending: this.sql.exec<{ n: number }>("SELECT count(*) AS n FROM pending").one().n,
+      transfersGiven: given.transfers,
+      piecesGiven: given.pieces,
+      openIntents: this.quota.openIntents().length,
+    };
+  }
+
+  /** Settles the transfers this shard could not finish: at-least-once, and each settles once. */
+  override async alarm(): Promise<void> {
+    const identity = this.quota.identity();
+    if (!identity) return;
+    this.shard = identity.shard;
+    try {
+      await this.resolveIntents(identity.couponId);
+    } catch (error) {
+      log("error", "coupon shard could not settle its transfers", { ...identity, ...describeError(error) });
+      await this.ctx.storage.setAlarm(Date.now() + 5 * RESOLVE_AFTER_MS);
+    }
+  }
+
+  /** Null once no reconciliation is running or due (one may start while this request waits), else the refusal. */
+  private async ready(couponId: number): Promise<{ ok: false; code: IssueRefusal } | null> {
+    while (this.stale || this.reconciling) {
+      try {
+        if (!(await this.reconcile(couponId))) return refuse("COUPON_NOT_FOUND");
+      } catch (error) {
+        log("error", "coupon gate could not read D1", { couponId, ...describeError(error) });
+        return refuse("SERVICE_UNAVAILABLE");
+      }
+    }
+    return null;
+  }
+
+  /** The pieces this object may hold in all: the total, or a shard's quota. */
+  private capacity(coupon: CouponTerms): number {
+    return coupon.shards === 1 ? coupon.total_quantity : (this.quota.pieces() ?? 0);
+  }
+
+  private park(request: IssueRequest): Promise<IssueOutcome> {
+    const outcome = new Promise<IssueOutcome>((settle) => this.parked.push({ request, settle }));
+    this.parkedUsers.set(request.userId, outcome);
+    if (!this.toppingUp) void this.topUp(request.couponId);
+    return outcome;
+  }
+
+  // Asks the siblings one at a time, each for what is still parked, and hands what arrives to the parked
+  // requests in order. One at a time, and no more than is parked: every piece in transit is bound for an
+  // admission, so a sibling that finds everyone dry may rightly say sold out.
+  private async topUp(couponId: number): Promise<void> {
+    this.toppingUp = true;
+    let unanswered = false;
+    try {
+      await this.askSiblings(couponId).catch((error: unknown) => {
+        log("error", "coupon shard could not top up", { couponId, shard: this.shard, ...describeError(error) });
+        unanswered = true;
+      });
+    } finally {
+      // No await from here on: a request parked after this would wait for a top-up that is over.
+      this.toppingUp = false;
+      const rest = this.parked.splice(0);
+      if (rest.length > 0 && !unanswered) this.dryUntil = Date.now() + DRY_MS;
+      for (const { request, settle } of rest) {
+        this.parkedUsers.delete(request.userId);
+        settle(refuse(unanswered ? "SERVICE_UNAVAILABLE" : "COUPON_SOLD_OUT"));
+      }
+    }
+  }
+
+  /** Throws when a sibling's answer is unknown: what is left parked then hears 503, not sold out. */
+  private async askSiblings(couponId: number): Promise<void> {
+    const shards = this.terms().shards;
+    let unanswered: unknown = null;
+    await this.resolveIntents(couponId).catch((error: unknown) => (unanswered = error));
+    this.unpark();
+    // Round the siblings from a random one until a whole round in a row gave nothing: every sibling was then
+    // dry when asked, with any piece moving meanwhile bound for a parked request.
+    let giver = Math.floor(Math.random() * shards);
+    for (let dry = 0; dry < shards - 1 && this.parked.length > 0; ) {
+      giver = (giver + 1) % shards;
+      if (giver === this.shard) continue;
+      const transferId = this.quota.openIntent(giver);
+      await this.ctx.storage.setAlarm(Date.now() + RESOLVE_AFTER_MS);
+      let pieces = 0;
+      try {
+        pieces = await this.sibling(couponId, giver).give({
+          couponId,
+          shard: giver,
+          taker: this.shard,
+          transferId,
+          need: this.parked.length,
+        });
+        this.quota.credit(transferId, pieces);
+      } catch (error) {
+        // Whether it gave is unknown: the intent stays open, and the alarm asks again.
+        unanswered = error;
+      }
+      dry = pieces > 0 ? 0 : dry + 1;
+      this.unpark();
+    }
+    if (unanswered) throw unanswered;
+  }
+
+  /** Decides again, in order, for as many parked requests as there are free pieces. */
+  private unpark(): void {
+    const coupon = this.terms();
+    const free = this.capacity(coupon) - coupon.issued_count;
+    for (const { request, settle } of this.parked.splice(0, Math.max(0, free))) {
+      this.parkedUsers.delete(request.userId);
+      settle(this.issue(request));
+    }
+  }
+
+  /** Asks each giver of a transfer still open for its outcome (need 0: it gives nothing new) and credits it. */
+  private async resolveIntents(couponId: number): Promise<void> {
+    for (const { transfer_id: transferId, giver } of this.quota.openIntents()) {
+      const pieces = await this.sibling(couponId, giver).give({ couponId, shard: giver, taker: this.shard, transferId, need: 0 });
+      this.quota.credit(transferId, pieces);
+    }
+  }
+
+  private sibling(couponId: number, shard: number): DurableObjectStub<CouponGate> {
+    return this.env.COUPON_GATE.getByName(gateName(couponId, shard));
   }
 
   /** Starts a reconciliation if one is due and none is running; resolves with the running or latest one. */
@@ -191,6 +401,14 @@ export class CouponGate extends DurableObject<Env> {
       }
     });
     const count = this.terms().issued_count;
+    if (outcome.coupon.shards > 1) {
+      // D1 counts every shard: this shard's own count stands (see the header).
+      this.ctx.storage.transactionSync(() => {
+        this.sql.exec("DELETE FROM coupon");
+        this.insertTerms({ ...outcome.coupon, issued_count: count });
+      });
+      return true;
+    }
     if (count !== outcome.coupon.issued_count) {
       log("warn", "coupon gate disagrees with D1; rebuilding from it", {
         couponId,
@@ -213,14 +431,23 @@ export class CouponGate extends DurableObject<Env> {
     return version?.value === STORAGE_VERSION && coupon?.id === couponId;
   }
 
-  /** Replaces the whole state with D1's (O(holders)); an unknown coupon leaves it empty. */
+  /**
+   * Replaces the whole state with D1's (O(holders)); an unknown coupon leaves it empty. A shard keeps only
+   * its own users and keeps its quota and transfers, which D1 does not know: a new shard starts its quota.
+   */
   private rebuild(snapshot: GateSnapshot | null): boolean {
     this.ctx.storage.transactionSync(() => {
       for (const table of ["coupon", "holders", "pending", "meta"]) this.sql.exec(`DELETE FROM ${table}`);
       if (!snapshot) return;
-      this.insertTerms(snapshot.coupon);
-      for (let i = 0; i < snapshot.holders.length; i += HOLDERS_PER_INSERT) {
-        const chunk = JSON.stringify(snapshot.holders.slice(i, i + HOLDERS_PER_INSERT));
+      const { coupon } = snapshot;
+      const holders =
+        coupon.shards === 1 ? snapshot.holders : snapshot.holders.filter((id) => shardOf(id, coupon.shards) === this.shard);
+      this.insertTerms({ ...coupon, issued_count: coupon.shards === 1 ? coupon.issued_count : holders.length });
+      if (coupon.shards > 1 && this.shard < coupon.shards) {
+        this.quota.start(coupon.id, this.shard, initialQuota(coupon.total_quantity, coupon.shards, this.shard));
+      }
+      for (let i = 0; i < holders.length; i += HOLDERS_PER_INSERT) {
+        const chunk = JSON.stringify(holders.slice(i, i + HOLDERS_PER_INSERT));
         this.sql.exec("INSERT INTO holders (user_id) SELECT value FROM json_each(?)", chunk);
       }
       this.sql.exec("INSERT INTO meta (key, value) VALUES ('version', ?)", STORAGE_VERSION);
@@ -231,9 +458,9 @@ export class CouponGate extends DurableObject<Env> {
   private insertTerms(c: CouponTerms): void {
     this.sql.exec(
       `INSERT INTO coupon (id, name, discount_type, discount_value, min_order_amount, max_discount_amount, total_quantity,
-         issued_count, issue_starts_at, issue_ends_at, valid_days) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+         issued_count, issue_starts_at, issue_ends_at, valid_days, shards) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
       c.id, c.name, c.discount_type, c.discount_value, c.min_order_amount, c.max_discount_amount, c.total_quantity,
-      c.issued_count, c.issue_starts_at, c.issue_ends_at, c.valid_days,
+      c.issued_count, c.issue_starts_at, c.issue_ends_at, c.valid_days, c.shards,
     );
   }
 
@@ -294,7 +521,12 @@ export class CouponGate extends DurableObject<Env> {
     }
     this.undo(admission.userId);
     if (isConstraintViolation(error, ISSUED_WITHIN_TOTAL)) {
-      this.sql.exec("UPDATE coupon SET issued_count = total_quantity");
+      // D1 holds every piece of the coupon: this object has none left to admit or to give.
+      if (this.terms().shards === 1) this.sql.exec("UPDATE coupon SET issued_count = total_quantity");
+      else {
+        this.quota.shrinkTo(this.terms().issued_count);
+        this.dryUntil = Date.now() + DRY_MS;
+      }
       admission.settle(refuse("COUPON_SOLD_OUT"));
       return;
     }

@@ -14,6 +14,8 @@ export type CouponTerms = {
   issue_starts_at: string | null;
   issue_ends_at: string | null;
   valid_days: number;
+  /** How many gate objects serve the coupon. */
+  shards: number;
 };
 
 export interface GateSnapshot {
@@ -28,7 +30,7 @@ export interface PendingIssue {
 }
 
 const COUPON_TERMS = `SELECT id, name, discount_type, discount_value, min_order_amount, max_discount_amount, total_quantity,
-                             issued_count, issue_starts_at, issue_ends_at, valid_days
+                             issued_count, issue_starts_at, issue_ends_at, valid_days, shards
                       FROM coupons WHERE id = ?`;
 
 /** User ids per lookup statement: about 80 KB of JSON, far inside D1's limit on one bound value. */

@@ -1,6 +1,7 @@
 import { z } from "@hono/zod-openapi";
 import { BALANCE_LIMIT } from "../db/schema";
 import { Id, Name, PositiveId, Timestamp } from "../lib/openapi";
+import { MAX_SHARDS } from "./shards";
 
 export const MAX_COUPON_QUANTITY = 1_000_000;
 export const MAX_MIN_ORDER_AMOUNT = 100_000_000;
@@ -45,6 +46,13 @@ export const CreateCouponBody = z
     issueStartsAt: Instant.optional().openapi({ description: "First instant it may be issued (inclusive)" }),
     issueEndsAt: Instant.optional().openapi({ description: "Last instant it may be issued (inclusive)" }),
     validDays: z.number().int().min(1).max(MAX_VALID_DAYS).openapi({ description: "A user coupon expires this many days after issue" }),
+    shards: z
+      .number()
+      .int()
+      .min(1)
+      .max(MAX_SHARDS)
+      .default(1)
+      .openapi({ description: "Gate objects serving it (1..64, fixed at creation), for drops larger than one object takes" }),
   })
   .superRefine((body, ctx) => {
     if (body.discountType === "PERCENT" && body.discountValue > 100) {
@@ -74,9 +82,30 @@ export const CouponSchema = z
     issueStartsAt: Timestamp.nullable(),
     issueEndsAt: Timestamp.nullable(),
     validDays: z.number().int(),
+    shards: z.number().int(),
     createdAt: Timestamp,
   })
   .openapi("Coupon");
+
+export const CouponShardsSchema = z
+  .object({
+    couponId: z.number().int(),
+    shards: z.number().int(),
+    items: z.array(
+      z.object({
+        shard: z.number().int(),
+        quota: z.number().int().nullable().openapi({ description: "Pieces it may hold; null before its first request" }),
+        issued: z.number().int().openapi({ description: "Issued and still being committed, here" }),
+        pending: z.number().int(),
+        transfersGiven: z.number().int(),
+        piecesGiven: z.number().int(),
+        openIntents: z.number().int().openapi({ description: "Transfers to it not yet settled" }),
+      }),
+    ),
+  })
+  .openapi("CouponShards");
+
+export type CouponShards = z.infer<typeof CouponShardsSchema>;
 
 export type Coupon = z.infer<typeof CouponSchema>;
 

@@ -4,8 +4,9 @@ import { AppError } from "../lib/errors";
 import { describeError, log } from "../lib/log";
 import type { Clock } from "../lib/clock";
 import type { Db } from "../env";
-import type { CouponGate, IssueRefusal } from "./coupon-gate";
-import type { Coupon, CreateCoupon, UserCoupon } from "./schemas";
+import type { CouponGate, IssueOutcome, IssueRefusal } from "./coupon-gate";
+import type { Coupon, CouponShards, CreateCoupon, UserCoupon } from "./schemas";
+import { gateName, shardOf } from "./shards";
 
 type CouponRow = typeof coupons.$inferSelect;
 
@@ -21,6 +22,7 @@ const toCoupon = (c: CouponRow): Coupon => ({
   issueStartsAt: c.issueStartsAt,
   issueEndsAt: c.issueEndsAt,
   validDays: c.validDays,
+  shards: c.shards,
   createdAt: c.createdAt,
 });
 
@@ -38,13 +40,14 @@ export async function createCoupon(db: Db, clock: Clock, input: CreateCoupon): P
       issueStartsAt: input.issueStartsAt ?? null,
       issueEndsAt: input.issueEndsAt ?? null,
       validDays: input.validDays,
+      shards: input.shards,
       createdAt: clock.now().toISOString(),
     })
     .returning();
   return toCoupon(row!);
 }
 
-/** The coupon as D1 has it: `issuedCount` counts committed issues only. */
+/** The coupon as D1 has it: `issuedCount` counts committed issues only, of every shard (each batch bumps it). */
 export async function getCoupon(db: Db, couponId: number): Promise<Coupon> {
   const row = await db.query.coupons.findFirst({ where: eq(coupons.id, couponId) });
   if (!row) throw new AppError("COUPON_NOT_FOUND", `Coupon ${couponId} does not exist`);
@@ -53,24 +56,71 @@ export async function getCoupon(db: Db, couponId: number): Promise<Coupon> {
 
 const UNCONFIRMED = "The issue could not be confirmed; try again (a retry never issues twice)";
 
-/** First come, first served: the coupon's own object decides, and answers once D1 has the row. */
+/**
+ * Per isolate: each coupon's shard count (fixed at creation: learnt once, from the gate that a request with
+ * the wrong count reaches), and until when a sharded coupon is known sold out. A coupon not in the first
+ * map is routed as one shard, which is right for most and reaches shard 0 of the others.
+ */
+const shardCounts = new Map<number, number>();
+const soldOutUntil = new Map<number, number>();
+/** How long a sharded coupon's sold-out answer is repeated without asking a gate: a piece that comes back waits this long at most. */
+export const SOLD_OUT_MARK_MS = 1_000;
+
+/** First come, first served: the user's shard of the coupon decides, and answers once D1 has the row. */
 export async function issueCoupon(
   gates: DurableObjectNamespace<CouponGate>,
   clock: Clock,
   couponId: number,
   userId: number,
 ): Promise<UserCoupon> {
-  let outcome;
+  const markedUntil = soldOutUntil.get(couponId);
+  if (markedUntil !== undefined) {
+    if (Date.now() < markedUntil) throw new AppError("COUPON_SOLD_OUT", refusalDetail("COUPON_SOLD_OUT", couponId, userId));
+    soldOutUntil.delete(couponId);
+  }
+  const now = clock.now().toISOString();
+  let shards = shardCounts.get(couponId) ?? 1;
+  let outcome = await askGate(gates, { couponId, userId, now, shards, shard: shardOf(userId, shards) });
+  if (!outcome.ok && outcome.code === "MISROUTED") {
+    shards = outcome.shards;
+    shardCounts.set(couponId, shards);
+    outcome = await askGate(gates, { couponId, userId, now, shards, shard: shardOf(userId, shards) });
+  }
+  if (outcome.ok) return outcome.userCoupon;
+  if (outcome.code === "MISROUTED") throw new AppError("SERVICE_UNAVAILABLE", UNCONFIRMED);
+  if (shards > 1) {
+    // A sharded gate says sold out only once every shard is dry; a failed batch may give pieces back.
+    if (outcome.code === "COUPON_SOLD_OUT") soldOutUntil.set(couponId, Date.now() + SOLD_OUT_MARK_MS);
+    if (outcome.code === "USER_NOT_FOUND" || outcome.code === "SERVICE_UNAVAILABLE") soldOutUntil.delete(couponId);
+  }
+  throw new AppError(outcome.code, refusalDetail(outcome.code, couponId, userId));
+}
+
+async function askGate(
+  gates: DurableObjectNamespace<CouponGate>,
+  request: { couponId: number; userId: number; now: string; shards: number; shard: number },
+): Promise<IssueOutcome> {
   try {
-    outcome = await gates.getByName(String(couponId)).issue({ couponId, userId, now: clock.now().toISOString() });
+    return await gates.getByName(gateName(request.couponId, request.shard)).issue(request);
   } catch (error) {
     // The object was reset or unreachable; whether it issued is unknown, and retrying is safe
     // (the retry gets the coupon or COUPON_ALREADY_ISSUED).
-    log("error", "coupon gate call failed", { couponId, userId, ...describeError(error) });
+    log("error", "coupon gate call failed", { couponId: request.couponId, userId: request.userId, ...describeError(error) });
     throw new AppError("SERVICE_UNAVAILABLE", UNCONFIRMED);
   }
-  if (!outcome.ok) throw new AppError(outcome.code, refusalDetail(outcome.code, couponId, userId));
-  return outcome.userCoupon;
+}
+
+/** Each shard's quota, counts and transfers, as its gate keeps them. */
+export async function getCouponShards(
+  db: Db,
+  gates: DurableObjectNamespace<CouponGate>,
+  couponId: number,
+): Promise<CouponShards> {
+  const { shards } = await getCoupon(db, couponId);
+  const items = await Promise.all(
+    Array.from({ length: shards }, (_, shard) => gates.getByName(gateName(couponId, shard)).shardState(couponId, shard)),
+  );
+  return { couponId, shards, items };
 }
 
 function refusalDetail(code: IssueRefusal, couponId: number, userId: number): string {

@@ -131,6 +131,8 @@ export const coupons = sqliteTable(
     issueEndsAt: text("issue_ends_at"),
     validDays: integer("valid_days").notNull(),
     createdAt: text("created_at").notNull(),
+    // How many gate objects serve it (1..64, fixed at creation): src/coupons/shards.ts.
+    shards: integer("shards").notNull().default(1),
   },
   (t) => [
     check("coupons_discount_type", sql`${t.discountType} IN ('FIXED', 'PERCENT')`),

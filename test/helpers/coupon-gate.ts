@@ -4,7 +4,8 @@ import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { STORAGE_VERSION } from "../../src/coupons/coupon-gate";
 import type { CouponTerms } from "../../src/coupons/issue-ledger";
-import { call, tokenFor, type ApiResponse } from "./api";
+import { gateName, initialQuota, shardOf } from "../../src/coupons/shards";
+import { adminToken, call, tokenFor, type ApiResponse } from "./api";
 import { inject } from "./faults";
 
 export const gateOf = (couponId: number) => env.COUPON_GATE.getByName(String(couponId));
@@ -131,4 +132,81 @@ export async function landBehindTheObjectsBack(couponId: number, userId: number)
     ).bind(couponId, userId, "2026-01-01T00:00:00.000Z", "2026-02-01T00:00:00.000Z"),
     env.DB.prepare("UPDATE coupons SET issued_count = issued_count + 1 WHERE id = ?").bind(couponId),
   ]);
+}
+
+/** A coupon spread over `shards` gate objects, made through the admin API. */
+export async function makeShardedCoupon(shards: number, totalQuantity: number, fields: Record<string, unknown> = {}) {
+  const body = { name: `sharded-${crypto.randomUUID()}`, discountType: "FIXED", discountValue: 1000, validDays: 30, totalQuantity, shards, ...fields };
+  const res = await call("POST", "/api/admin/coupons", { token: await adminToken(), body });
+  if (res.status !== 201) throw new Error(`makeShardedCoupon failed: ${res.status} ${res.text}`);
+  return res.body as { id: number; shards: number; totalQuantity: number };
+}
+
+export const shardGateOf = (couponId: number, shard: number) => env.COUPON_GATE.getByName(gateName(couponId, shard));
+
+/** `n` new users written straight into D1 in one statement; their ids. */
+export async function bulkUsers(n: number): Promise<number[]> {
+  const prefix = `bulk-${crypto.randomUUID()}-`;
+  const now = new Date().toISOString();
+  await env.DB.prepare(
+    `WITH RECURSIVE seq(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM seq WHERE x < ?)
+     INSERT INTO users (name, balance, created_at, updated_at) SELECT ? || x, 0, ?, ? FROM seq`,
+  )
+    .bind(n, prefix, now, now)
+    .run();
+  const rows = await env.DB.prepare("SELECT id FROM users WHERE substr(name, 1, ?) = ? ORDER BY id")
+    .bind(prefix.length, prefix)
+    .all<{ id: number }>();
+  return rows.results.map((r) => r.id);
+}
+
+/** Users of which `onHot` land on shard `hot` (the skew) and `elsewhere` anywhere else. */
+export async function skewedUsers(shards: number, hot: number, onHot: number, elsewhere: number): Promise<number[]> {
+  const pool = await bulkUsers(Math.max(onHot * shards * 2, onHot + elsewhere * 2));
+  const hotOnes = pool.filter((id) => shardOf(id, shards) === hot).slice(0, onHot);
+  const others = pool.filter((id) => shardOf(id, shards) !== hot).slice(0, elsewhere);
+  if (hotOnes.length < onHot || others.length < elsewhere) throw new Error("skewedUsers: pool too small");
+  return [...hotOnes, ...others];
+}
+
+/** One shard's storage: its count, quota, pending admissions, and its transfer records. */
+export async function shardStorage(couponId: number, shard: number) {
+  return runInDurableObject(shardGateOf(couponId, shard), (_instance, state) => {
+    const sql = state.storage.sql;
+    const count = (query: string) => sql.exec<{ n: number }>(query).one().n;
+    return {
+      issuedCount: sql.exec<{ issued_count: number }>("SELECT issued_count FROM coupon").toArray()[0]?.issued_count ?? 0,
+      holderCount: count("SELECT count(*) AS n FROM holders"),
+      pending: count("SELECT count(*) AS n FROM pending"),
+      quota: sql.exec<{ pieces: number }>("SELECT pieces FROM quota").toArray()[0]?.pieces ?? null,
+      openIntents: sql.exec<{ transfer_id: string; giver: number }>("SELECT transfer_id, giver FROM intents").toArray(),
+      given: sql.exec<{ transfer_id: string; taker: number; pieces: number }>("SELECT transfer_id, taker, pieces FROM given").toArray(),
+    };
+  });
+}
+
+/**
+ * Every shard's storage, with the sums that must hold: quota plus pieces in transit (given, not yet
+ * credited) is the total, and each shard's count is its holders.
+ */
+export async function shardsOverview(couponId: number, shards: number) {
+  const { total } = await ledger(couponId);
+  const each = [];
+  for (let shard = 0; shard < shards; shard++) {
+    const storage = await shardStorage(couponId, shard);
+    // A shard that never ran holds its first quota.
+    each.push({ ...storage, quota: storage.quota ?? initialQuota(total, shards, shard) });
+  }
+  const open = new Set(each.flatMap((s) => s.openIntents.map((i) => i.transfer_id)));
+  const inTransit = each.flatMap((s) => s.given).filter((g) => open.has(g.transfer_id)).reduce((n, g) => n + g.pieces, 0);
+  return {
+    each,
+    quota: each.reduce((n, s) => n + (s.quota ?? 0), 0),
+    inTransit,
+    issued: each.reduce((n, s) => n + s.issuedCount, 0),
+    holders: each.reduce((n, s) => n + s.holderCount, 0),
+    pending: each.reduce((n, s) => n + s.pending, 0),
+    openIntents: open.size,
+    transfers: each.flatMap((s) => s.given).filter((g) => g.pieces > 0).length,
+  };
 }

@@ -3,6 +3,7 @@ import { describe, expect, it } from "vitest";
 import { createApp } from "../../src/app";
 import { DAY_MS, fixedClock } from "../../src/lib/clock";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
+import { makeShardedCoupon } from "../helpers/coupon-gate";
 import { issueCoupon, makeCoupon, makeUser } from "../helpers/factories";
 
 const ISO_MS = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
@@ -50,6 +51,7 @@ describe("admin coupons", () => {
       issueStartsAt: "2026-03-01T00:00:00.000Z",
       issueEndsAt: "2026-03-31T23:59:59.999Z",
       validDays: 7,
+      shards: 1,
       createdAt: expect.stringMatching(ISO_MS),
     });
 
@@ -61,6 +63,14 @@ describe("admin coupons", () => {
   it("defaults minOrderAmount to 0 and leaves the window open", async () => {
     const coupon = await makeCoupon({ discountType: "FIXED", discountValue: 5000 });
     expect(coupon).toMatchObject({ minOrderAmount: 0, issueStartsAt: null, issueEndsAt: null });
+  });
+
+  it("takes shards 1..64, fixed at creation, and reports it", async () => {
+    const token = await adminToken();
+    const coupon = await makeShardedCoupon(64, 100);
+    expect(coupon).toMatchObject({ shards: 64, totalQuantity: 100 });
+    const read = await call("GET", `/api/admin/coupons/${coupon.id}`, { token });
+    expect(read.body).toMatchObject({ shards: 64 });
   });
 
   it("counts issues in issuedCount", async () => {
@@ -86,6 +96,9 @@ describe("admin coupons", () => {
       [{ ...valid, discountType: "PERCENT", discountValue: 10, maxDiscountAmount: 1.5 }, "maxDiscountAmount"],
       [{ ...valid, discountType: "PERCENT", discountValue: 10, maxDiscountAmount: 10_000_001 }, "maxDiscountAmount"],
       [{ ...valid, validDays: 0 }, "validDays"],
+      [{ ...valid, shards: 0 }, "shards"],
+      [{ ...valid, shards: 65 }, "shards"],
+      [{ ...valid, shards: 2.5 }, "shards"],
       [{ ...valid, name: "  " }, "name"],
       [{ ...valid, name: "Spring\u0000sale" }, "name"],
       [{ ...valid, name: "Spring sale\n" }, "name"],
