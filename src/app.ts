@@ -1,4 +1,3 @@
-import { Scalar } from "@scalar/hono-api-reference";
 import { bodyLimit } from "hono/body-limit";
 import { HTTPException } from "hono/http-exception";
 import { requestId } from "hono/request-id";
@@ -15,6 +14,7 @@ import { systemClock, type Clock } from "./lib/clock";
 import { describeError, log } from "./lib/log";
 import { createRouter } from "./lib/openapi";
 import { healthRoutes } from "./health";
+import { docsRoutes } from "./docs";
 
 export interface AppOptions {
   clock?: Clock;
@@ -79,7 +79,7 @@ export function createApp(options: AppOptions = {}) {
       description: "Wallet, catalog, first-come-first-served coupons and orders on Cloudflare Workers.",
     },
   });
-  app.get("/docs", Scalar({ url: "/openapi.json", pageTitle: "Edge Shop API" }));
+  app.route("/", docsRoutes);
 
   app.notFound((c) => problemResponse(c, new AppError("NOT_FOUND", `No route for ${c.req.method} ${c.req.path}`)));
 
