@@ -12,6 +12,8 @@ import { AppError } from "./lib/errors";
 import { problemResponse } from "./lib/problem";
 import { systemClock, type Clock } from "./lib/clock";
 import { describeError, log } from "./lib/log";
+import { requestMetrics } from "./lib/metrics";
+import { withRequestId } from "./lib/request-context";
 import { createRouter } from "./lib/openapi";
 import { healthRoutes } from "./health";
 import { docsRoutes } from "./docs";
@@ -42,6 +44,9 @@ export function createApp(options: AppOptions = {}) {
   const app = createRouter();
 
   app.use(requestId({ limitLength: 64 }));
+  // Every log line of the request, and of the work it leaves behind (waitUntil), carries its id.
+  app.use((c, next) => withRequestId(c.get("requestId"), next));
+  app.use(requestMetrics());
   app.use(secureHeaders());
   app.use(async (c, next) => {
     c.set("clock", clock);

@@ -1,5 +1,6 @@
 import { exponentialBackoff } from "../lib/backoff";
 import { log } from "../lib/log";
+import { currentRequestId } from "../lib/request-context";
 
 // The transactional outbox. Rows are written in the order's own batch; this moves them to the queues.
 // A row is marked dispatched only after its queue accepted it, so a failed send() is simply retried by
@@ -50,14 +51,33 @@ export function chunkForQueue(rows: OutboxRow[]): OutboxRow[][] {
 }
 
 /**
+ * A row whose payload also names the `requestId` of the request sending it (the order, the cancellation or
+ * an admin's retry), unless the payload already names one, so the consumers' log lines lead back to that
+ * request. The consumers parse with plain (non-strict) zod objects, which drop the extra key: the export
+ * still POSTs exactly the contract's body. A relay send (the cron) has no request: the payload goes as stored.
+ */
+function withRequestIdField(row: OutboxRow, requestId: string | undefined): OutboxRow {
+  if (requestId === undefined) return row;
+  try {
+    const body: unknown = JSON.parse(row.payload);
+    if (typeof body !== "object" || body === null || Array.isArray(body) || "requestId" in body) return row;
+    return { ...row, payload: JSON.stringify({ ...body, requestId }) };
+  } catch {
+    return row; // not JSON: the send below fails it like any other
+  }
+}
+
+/**
  * Sends the rows chunk by chunk, then marks what the queues took as dispatched, in one statement. A chunk
  * whose send fails stays undispatched for the relay; so does everything if the marking itself fails
  * (a second send then, which the consumers absorb).
  */
 export async function dispatchOutbox(db: D1Database, queues: OrderQueues, rows: OutboxRow[], nowIso: string): Promise<number> {
   const sent: number[] = [];
+  const requestId = currentRequestId();
   for (const topic of ["stats", "export"] as const) {
-    for (const chunk of chunkForQueue(rows.filter((r) => r.topic === topic))) {
+    const bodies = rows.filter((r) => r.topic === topic).map((r) => withRequestIdField(r, requestId));
+    for (const chunk of chunkForQueue(bodies)) {
       try {
         await queues[topic].sendBatch(chunk.map((r) => ({ body: JSON.parse(r.payload), contentType: "json" as const })));
         sent.push(...chunk.map((r) => r.id));

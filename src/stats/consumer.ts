@@ -2,6 +2,7 @@ import { isConstraintViolation } from "../db/errors";
 import { exponentialBackoff } from "../lib/backoff";
 import { systemClock, type Clock } from "../lib/clock";
 import { describeError, log } from "../lib/log";
+import { requestIdOf, withRequestId } from "../lib/request-context";
 import { eventOf, orderIdOf } from "../orders/outbox";
 import { StatsEventSchema } from "./event";
 import { closeStatsOutbox, countOrderEvent } from "./sales";
@@ -27,7 +28,8 @@ export async function consumeStats(batch: MessageBatch, env: Env, _ctx: Executio
 
 /** D1 runs the batches one at a time, so even two copies of one event in the same queue batch count once. */
 export async function countBatch(batch: MessageBatch, d1: D1Database, clock: Clock): Promise<void> {
-  await Promise.all(batch.messages.map((message) => settleMessage(message, d1, clock)));
+  // Each message's log lines name the request that placed or cancelled its order (the body's requestId).
+  await Promise.all(batch.messages.map((message) => withRequestId(requestIdOf(message.body), () => settleMessage(message, d1, clock))));
 }
 
 async function settleMessage(message: Message, d1: D1Database, clock: Clock): Promise<void> {
