@@ -109,6 +109,8 @@ export interface ShardState {
   transfersGiven: number;
   piecesGiven: number;
   openIntents: number;
+  /** Issue requests this life has answered or is answering (not kept across restarts). */
+  requests: number;
 }
 
 interface Parked {
@@ -153,6 +155,7 @@ export class CouponGate extends DurableObject<Env> {
   private readonly parkedUsers = new Map<number, Promise<IssueOutcome>>();
   private toppingUp = false;
   private dryUntil = 0;
+  private requests = 0;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
@@ -174,6 +177,11 @@ export class CouponGate extends DurableObject<Env> {
   }
 
   async issue(request: IssueRequest): Promise<IssueOutcome> {
+    this.requests++;
+    return this.decide(request);
+  }
+
+  private async decide(request: IssueRequest): Promise<IssueOutcome> {
     const { couponId, userId, now } = request;
     // Every request for one object names the same shard: the object's name is made from it.
     this.shard = request.shard ?? 0;
@@ -193,7 +201,7 @@ export class CouponGate extends DurableObject<Env> {
       if (coupon.shards === 1) return refuse("COUPON_SOLD_OUT");
       // The same user again while parked: their first request decides, then this one is answered like a repeat.
       const first = this.parkedUsers.get(userId);
-      if (first) return first.then(() => this.issue(request));
+      if (first) return first.then(() => this.decide(request));
       if (Date.now() < this.dryUntil) return refuse("COUPON_SOLD_OUT");
       return this.park(request);
     }
@@ -243,6 +251,7 @@ export class CouponGate extends DurableObject<Env> {
       transfersGiven: given.transfers,
       piecesGiven: given.pieces,
       openIntents: this.quota.openIntents().length,
+      requests: this.requests,
     };
   }
 
@@ -347,7 +356,7 @@ export class CouponGate extends DurableObject<Env> {
     const free = this.capacity(coupon) - coupon.issued_count;
     for (const { request, settle } of this.parked.splice(0, Math.max(0, free))) {
       this.parkedUsers.delete(request.userId);
-      settle(this.issue(request));
+      settle(this.decide(request));
     }
   }
 

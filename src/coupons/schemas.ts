@@ -100,6 +100,7 @@ export const CouponShardsSchema = z
         transfersGiven: z.number().int(),
         piecesGiven: z.number().int(),
         openIntents: z.number().int().openapi({ description: "Transfers to it not yet settled" }),
+        requests: z.number().int().openapi({ description: "Issue requests it received since it last started" }),
       }),
     ),
   })
