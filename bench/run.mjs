@@ -13,10 +13,11 @@ import { evaluateTargets, floorOf, machineInfo, printResults, withRatios, writeR
 import { createApi, createUserPool } from "./seed.mjs";
 import { queryD1, removeState, startBenchServer, signalRunningServers } from "./server.mjs";
 import { couponStorm, orderStorm } from "./storms.mjs";
+import { couponStormSharded } from "./coupon-storm-sharded.mjs";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const RESULTS_FILE = join(ROOT, "bench", "results", "latest.json");
-const SCENARIOS = [floor, catalogList, catalogDetail, chargeStorm, couponStorm, orderStorm, mixed, floorEnd];
+const SCENARIOS = [floor, catalogList, catalogDetail, chargeStorm, couponStorm, couponStormSharded, orderStorm, mixed, floorEnd];
 const FLOORS = ["floor", "floor-end"];
 const CONCURRENCY = 100;
 
