@@ -45,6 +45,8 @@ export interface SingleProductOrder {
   /** The Worker's clock: the object never reads the wall clock for a business decision. */
   now: string;
   claim: Claim | null;
+  /** The Worker's request, for the logs and the order's queue messages. */
+  requestId?: string;
 }
 
 export type GroupOutcome =
@@ -186,12 +188,17 @@ export class OrderGroup {
       w.answer({ ok: false, code: error.code, detail: error.message });
       return;
     }
-    log("error", "order group: order failed", { productId: this.productId, orderKey: w.order.orderKey, ...describeError(error) });
+    log("error", "order group: order failed", { productId: this.productId, orderKey: w.order.orderKey, requestId: w.order.requestId, ...describeError(error) });
     w.answer({ ok: false, code: "SERVICE_UNAVAILABLE", detail: "The order could not be placed right now; retry shortly" });
   }
 
   private unknown(w: Waiting, error: unknown): void {
-    log("error", "order group: write outcome unknown", { productId: this.productId, orderKey: w.order.orderKey, ...describeError(error) });
+    log("error", "order group: write outcome unknown", {
+      productId: this.productId,
+      orderKey: w.order.orderKey,
+      requestId: w.order.requestId,
+      ...describeError(error),
+    });
     this.hooks.unknown(w.order.orderKey);
     w.answer({
       ok: false,
@@ -236,7 +243,7 @@ async function readGroupInputs(db: D1Database, productId: number, orders: Single
         if (!coupon) throw new AppError("COUPON_NOT_USABLE", `User coupon ${order.userCouponId} does not exist`);
         if (usedCoupons.has(coupon.id)) throw new AppError("COUPON_NOT_USABLE", "The coupon was used by another order");
       }
-      const row = priceOrder(order.userId, [{ productId, quantity: order.quantity }], products, coupon, balance, new Date(order.now));
+      const row = { ...priceOrder(order.userId, [{ productId, quantity: order.quantity }], products, coupon, balance, new Date(order.now)), requestId: order.requestId };
       balances.set(order.userId, balance - row.paidAmount);
       if (coupon) usedCoupons.add(coupon.id);
       return row;

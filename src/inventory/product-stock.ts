@@ -2,6 +2,7 @@ import { DurableObject } from "cloudflare:workers";
 import type { products } from "../db/schema";
 import { DAY_MS } from "../lib/clock";
 import { describeError, log } from "../lib/log";
+import { withRequestId } from "../lib/request-context";
 import { dispatchOutbox, queuesOf } from "../orders/outbox";
 import { OrderGroup, type GroupOutcome, type SingleProductOrder } from "./order-group";
 import { isCommitted, readProductSnapshot } from "./stock-ledger";
@@ -105,7 +106,11 @@ export class ProductStock extends DurableObject<Env> {
    * Takes `quantity` for `userId`'s order `orderKey`, or refuses (out of stock first, then the user's
    * limit); idempotent per order key.
    */
-  async reserve(productId: number, orderKey: string, quantity: number, userId: number): Promise<ReserveResult> {
+  async reserve(productId: number, orderKey: string, quantity: number, userId: number, requestId?: string): Promise<ReserveResult> {
+    return withRequestId(requestId, () => this.take(productId, orderKey, quantity, userId));
+  }
+
+  private async take(productId: number, orderKey: string, quantity: number, userId: number): Promise<ReserveResult> {
     if (!(await this.load(productId))) return this.refusal("PRODUCT_NOT_FOUND", userId);
     // From here to the insert there is no await: this is the critical section.
     // An order already committed under this key needs nothing more: its write will find the order.
@@ -123,7 +128,7 @@ export class ProductStock extends DurableObject<Env> {
    * the order and settles its units.
    */
   async placeOrder(productId: number, order: SingleProductOrder): Promise<{ stock: ReserveResult; outcome?: GroupOutcome }> {
-    const stock = await this.reserve(productId, order.orderKey, order.quantity, order.userId);
+    const stock = await this.reserve(productId, order.orderKey, order.quantity, order.userId, order.requestId);
     if (!stock.ok) return { stock };
     return { stock, outcome: await this.orderGroup(productId).submit(order) };
   }
@@ -177,10 +182,11 @@ export class ProductStock extends DurableObject<Env> {
    * D1 and this object disagree (D1 refused an order on its stock CHECK): take D1's stock again, with the
    * fate of the open reservations read in the same snapshot. Calls arriving meanwhile wait for it.
    */
-  async resync(productId: number): Promise<void> {
+  async resync(productId: number, requestId?: string): Promise<void> {
     this.productId = null;
     await this.load(productId);
-    log("warn", "stock object re-synced from D1", { productId, stock: this.stock, reserved: this.reserved });
+    const state = { productId, stock: this.stock, reserved: this.reserved };
+    withRequestId(requestId, () => log("warn", "stock object re-synced from D1", state));
   }
 
   /**

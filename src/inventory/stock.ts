@@ -1,5 +1,6 @@
 import { AppError, OutcomeUnknownError } from "../lib/errors";
 import { describeError, log } from "../lib/log";
+import { currentRequestId } from "../lib/request-context";
 import type { SingleProductOrder } from "./order-group";
 import type { AdjustResult, ProductStock, ReserveResult, StockPatch, StockRefusal } from "./product-stock";
 
@@ -55,7 +56,7 @@ export async function reserveStock(env: Env, orderKey: string, lines: StockLine[
     for (const [i, line] of sorted.entries()) {
       owed.push(line);
       const result = await callObject(line.productId, async (): Promise<ReserveResult> =>
-        stockObject(env, line.productId).reserve(line.productId, orderKey, line.quantity, userId),
+        stockObject(env, line.productId).reserve(line.productId, orderKey, line.quantity, userId, currentRequestId()),
       );
       if (!result.ok) {
         owed.pop();
@@ -164,7 +165,7 @@ export async function settleStockSoon(env: Env, orderKey: string, lines: StockLi
 
 /** D1 refused stock an object offered: those objects take D1's numbers again. */
 export async function resyncStock(env: Env, lines: StockLine[]): Promise<void> {
-  await Promise.allSettled(lines.map((l) => stockObject(env, l.productId).resync(l.productId)));
+  await Promise.allSettled(lines.map((l) => stockObject(env, l.productId).resync(l.productId, currentRequestId())));
 }
 
 /** Admin stock changes go through the product's object, which also writes D1. */

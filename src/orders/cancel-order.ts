@@ -6,6 +6,7 @@ import type { Clock } from "../lib/clock";
 import { AppError, OutcomeUnknownError } from "../lib/errors";
 import { completeClaim, type Claim } from "../lib/idempotency";
 import { describeError, log } from "../lib/log";
+import { currentRequestId } from "../lib/request-context";
 import { dispatchOutbox, type OrderQueues, type OutboxRow } from "./outbox";
 import { orderJsonSql } from "./queries";
 
@@ -144,10 +145,11 @@ async function writeCancellation(
         .bind(line.quantity, order.user_id, line.productId),
     );
   }
+  const traced = { requestId: currentRequestId() };
   const events = {
     // The units leave the statistics of the day they were counted on.
-    stats: { event: "CANCELLED", orderId: order.id, date: order.created_at.slice(0, 10), items: lines },
-    export: { orderId: order.id, userId: order.user_id, status: "CANCELLED", refundedAmount: refund, cancelledAt: at },
+    stats: { event: "CANCELLED", orderId: order.id, date: order.created_at.slice(0, 10), items: lines, ...traced },
+    export: { orderId: order.id, userId: order.user_id, status: "CANCELLED", refundedAmount: refund, cancelledAt: at, ...traced },
   };
   for (const [topic, payload] of Object.entries(events)) {
     statements.push(

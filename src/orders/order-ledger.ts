@@ -31,7 +31,10 @@ export const COUPON_FOR_ORDER_SQL = `SELECT uc.id, uc.user_id, uc.status, uc.exp
     c.min_order_amount, c.max_discount_amount
   FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id`;
 
-export interface OrderToWrite extends Omit<OrderDto, "id" | "status" | "cancelledAt" | "cancelReason"> {}
+export interface OrderToWrite extends Omit<OrderDto, "id" | "status" | "cancelledAt" | "cancelReason"> {
+  /** The placing request's id, stored in the order's queue messages so the order can be followed to its export. */
+  requestId?: string;
+}
 
 /**
  * Prices the lines and checks what needs D1's data, in the contract's order (stock and limits were
@@ -93,8 +96,9 @@ export function orderStatements(db: D1Database, orderKey: string, order: OrderTo
   // slow request (clock read early, commit late) could land behind a client's cursor. So created_at is
   // max(clock, newest in the list), and the events take the committed value.
   const orderCreatedAt = "(SELECT created_at FROM orders WHERE order_key = ?)";
-  const statsEvent = { event: "PLACED", items: items.map((i) => ({ productId: i.productId, quantity: i.quantity })) };
-  const exportEvent = { userId, items, totalAmount, discountAmount, paidAmount };
+  const traced = order.requestId ? { requestId: order.requestId } : {};
+  const statsEvent = { event: "PLACED", items: items.map((i) => ({ productId: i.productId, quantity: i.quantity })), ...traced };
+  const exportEvent = { userId, items, totalAmount, discountAmount, paidAmount, ...traced };
 
   const statements = [
     db

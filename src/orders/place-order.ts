@@ -12,6 +12,7 @@ import {
   type StockLine,
 } from "../inventory/stock";
 import { describeError, log } from "../lib/log";
+import { currentRequestId } from "../lib/request-context";
 import type { Claim } from "../lib/idempotency";
 import {
   COUPON_FOR_ORDER_SQL,
@@ -66,6 +67,7 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
       userCouponId: input.userCouponId ?? null,
       now: deps.clock.now().toISOString(),
       claim: deps.claim,
+      requestId: currentRequestId(),
     });
     if (deps.claim && placed.stored) deps.claim.storedWithEffect = true;
     return placed.body;
@@ -94,7 +96,7 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
 async function payAndWrite(deps: PlaceOrderDeps, orderKey: string, userId: number, input: PlaceOrder) {
   const now = deps.clock.now();
   const { products, balance, coupon } = await readOrderInputs(deps.env.DB, userId, input).catch(unavailable);
-  const order = priceOrder(userId, input.items, products, coupon, balance, now);
+  const order = { ...priceOrder(userId, input.items, products, coupon, balance, now), requestId: currentRequestId() };
   try {
     return { ...(await writeOrder(deps.env.DB, orderKey, order, deps.claim)), createdAt: order.createdAt };
   } catch (error) {

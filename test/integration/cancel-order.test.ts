@@ -61,13 +61,15 @@ describe("POST /api/orders/{orderId}/cancel", () => {
     expect(await one("SELECT quantity FROM user_product_purchases WHERE user_id = ? AND product_id = ?", user.id, mug.id)).toEqual({
       quantity: 0,
     });
+    // The cancelling request's id travels with its messages, so it can be followed to the data platform.
+    const requestId = res.headers.get("X-Request-Id");
     const events = await all<{ topic: string; payload: string }>(
       "SELECT topic, payload FROM outbox WHERE order_id = ? AND event = 'CANCELLED' ORDER BY topic",
       placed.id,
     );
     expect(events.map((e) => [e.topic, JSON.parse(e.payload)])).toEqual([
-      ["export", { orderId: placed.id, userId: user.id, status: "CANCELLED", refundedAmount: 19_000, cancelledAt: res.body.cancelledAt }],
-      ["stats", { event: "CANCELLED", orderId: placed.id, date: placed.createdAt.slice(0, 10), items: [{ productId: mug.id, quantity: 2 }] }],
+      ["export", { orderId: placed.id, userId: user.id, status: "CANCELLED", refundedAmount: 19_000, cancelledAt: res.body.cancelledAt, requestId }],
+      ["stats", { event: "CANCELLED", orderId: placed.id, date: placed.createdAt.slice(0, 10), items: [{ productId: mug.id, quantity: 2 }], requestId }],
     ]);
     expect(await one("SELECT status FROM order_exports WHERE order_id = ? AND event = 'CANCELLED'", placed.id)).toEqual({ status: "PENDING" });
 

@@ -27,7 +27,7 @@ const sold = (productId: number) =>
 describe("order events", () => {
   it("an order's stats event is counted once however often it is delivered", async () => {
     const { order, product, statsEvent } = await placedOrder(3);
-    expect(statsEvent).toEqual({ event: "PLACED", orderId: order.id, date: order.createdAt.slice(0, 10), items: [{ productId: product.id, quantity: 3 }] });
+    expect(statsEvent).toEqual({ event: "PLACED", requestId: expect.any(String), orderId: order.id, date: order.createdAt.slice(0, 10), items: [{ productId: product.id, quantity: 3 }] });
     const clock = fixedClock("2026-11-20T00:00:00.000Z");
     for (let delivery = 0; delivery < 3; delivery++) {
       const batch = createMessageBatch("order-stats", [{ id: `d${delivery}`, timestamp: new Date(), attempts: delivery + 1, body: statsEvent }]);

@@ -63,6 +63,7 @@ describe("POST /api/orders: happy paths", () => {
     expect(JSON.parse(outbox[0]!.payload)).toMatchObject({ orderId, userId: user.id, paidAmount: 56_000, completedAt: res.body.createdAt });
     expect(JSON.parse(outbox[1]!.payload)).toEqual({
       event: "PLACED",
+      requestId: res.headers.get("X-Request-Id"),
       orderId,
       date: res.body.createdAt.slice(0, 10),
       items: [
