@@ -5,6 +5,7 @@
 import { fileURLToPath } from "node:url";
 import { dirname, join } from "node:path";
 import autocannon from "autocannon";
+import { cancelStorm } from "./cancel-storm.mjs";
 import { ensureDevVars, readDevVars, tokenFor } from "../scripts/local.mjs";
 import { invariant, runD1Checks } from "./invariants.mjs";
 import { mixed } from "./mixed.mjs";
@@ -17,7 +18,7 @@ import { couponStormSharded } from "./coupon-storm-sharded.mjs";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const RESULTS_FILE = join(ROOT, "bench", "results", "latest.json");
-const SCENARIOS = [floor, catalogList, catalogDetail, chargeStorm, couponStorm, couponStormSharded, orderStorm, mixed, floorEnd];
+const SCENARIOS = [floor, catalogList, catalogDetail, chargeStorm, couponStorm, couponStormSharded, orderStorm, cancelStorm, mixed, floorEnd];
 const FLOORS = ["floor", "floor-end"];
 const CONCURRENCY = 100;
 
@@ -29,6 +30,9 @@ const SIZES = {
     couponQuantity: 1_000,
     buyers: 3_000,
     stock: 1_000,
+    cancels: 1_000,
+    cancelStormOrders: 1_000,
+    cancelLeftover: 50,
     mixedUsers: 500,
     mixedRequests: 2_000,
   },
@@ -39,6 +43,9 @@ const SIZES = {
     couponQuantity: 100,
     buyers: 300,
     stock: 100,
+    cancels: 100,
+    cancelStormOrders: 100,
+    cancelLeftover: 5,
     mixedUsers: 100,
     mixedRequests: 300,
   },
@@ -145,6 +152,7 @@ async function main() {
       sizes,
       concurrency: CONCURRENCY,
       tokenFor: (id) => tokenFor(secret, id),
+      logCount: server.logCount,
     };
     await warmUp(server.baseUrl);
 

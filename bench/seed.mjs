@@ -55,7 +55,7 @@ export async function createApi(baseUrl, secret) {
     call,
     admin,
     adminToken,
-    createProduct: (name, price, stock) => admin("POST", "/api/admin/products", { name, price, stock }),
+    createProduct: (name, price, stock, extra = {}) => admin("POST", "/api/admin/products", { name, price, stock, ...extra }),
     createCoupon: (name, totalQuantity) =>
       admin("POST", "/api/admin/coupons", {
         name,

@@ -4,11 +4,12 @@
 // `wrangler dev` rebuilds and restarts the Worker whenever a source file changes, and in a shared working
 // tree files change all the time: a restart mid-storm fails requests in flight and resets the objects'
 // memory. So the bench bundles the Worker once, as `npm run build` does, and serves that bundle with
-// `wrangler dev --no-bundle` and the same wrangler.toml: the code under test is frozen for the whole run.
+// `wrangler dev --no-bundle` and a copy of wrangler.toml and .dev.vars taken at the same moment (wrangler dev
+// also reloads when its config changes): the code under test is frozen for the whole run.
 import { spawn, spawnSync } from "node:child_process";
-import { createWriteStream, mkdirSync, readFileSync, rmSync } from "node:fs";
+import { copyFileSync, cpSync, createWriteStream, existsSync, mkdirSync, readFileSync, rmSync } from "node:fs";
 import { createServer } from "node:http";
-import { join } from "node:path";
+import { isAbsolute, join } from "node:path";
 import { driveCron, killDevServers, QUIET_ENV, startWranglerDev, stopGroup, waitForHealth } from "../scripts/local.mjs";
 
 async function isPortFree(port) {
@@ -19,7 +20,7 @@ async function isPortFree(port) {
   });
 }
 
-async function freePort(from) {
+export async function freePort(from) {
   for (let port = from; port < from + 50; port++) if (await isPortFree(port)) return port;
   throw new Error(`no free port in ${from}..${from + 49}`);
 }
@@ -57,6 +58,22 @@ function wranglerAsync(args) {
   });
 }
 
+/**
+ * Copies wrangler.toml, .dev.vars and the static assets directory next to the bundle in `bundleDir`; returns
+ * the config copy's path, for `--config`. The config's other relative paths then point into `bundleDir`: fine
+ * for `wrangler dev <bundle> --no-bundle` (the bundle is the script; migrations are applied with the original).
+ */
+export function freezeConfig(bundleDir) {
+  const config = join(bundleDir, "wrangler.toml");
+  const text = readFileSync("wrangler.toml", "utf8");
+  copyFileSync("wrangler.toml", config);
+  if (existsSync(".dev.vars")) copyFileSync(".dev.vars", join(bundleDir, ".dev.vars"));
+  for (const [, dir] of text.matchAll(/^\s*directory\s*=\s*"([^"]+)"/gm)) {
+    if (!isAbsolute(dir) && existsSync(dir)) cpSync(dir, join(bundleDir, dir), { recursive: true });
+  }
+  return config;
+}
+
 export async function startBenchServer({ port: wantedPort, stateDir }) {
   mkdirSync(stateDir, { recursive: true });
   const bundleDir = join(stateDir, "worker");
@@ -64,6 +81,7 @@ export async function startBenchServer({ port: wantedPort, stateDir }) {
     wranglerAsync(["d1", "migrations", "apply", "DB", "--local", "--persist-to", stateDir]),
     wranglerAsync(["deploy", "--dry-run", "--outdir", bundleDir]),
   ]);
+  const config = freezeConfig(bundleDir);
 
   const port = await freePort(wantedPort);
   const sinkPort = await freePort(port + 1);
@@ -79,7 +97,7 @@ export async function startBenchServer({ port: wantedPort, stateDir }) {
       join(bundleDir, "index.js"),
       "--no-bundle",
       "--config",
-      "wrangler.toml",
+      config,
       "--var",
       `DATA_PLATFORM_URL:${sinkUrl}`,
     ],
@@ -107,16 +125,18 @@ export async function startBenchServer({ port: wantedPort, stateDir }) {
     log.end();
   }
 
-  // The bundle is frozen, but an edit of wrangler.toml still restarts the Worker; the report says so.
-  const reloads = () => {
+  /** How many times `pattern` (a /g regexp) occurs in the wrangler dev log so far. */
+  const logCount = (pattern) => {
     try {
-      return (readFileSync(logFile, "utf8").match(/Reloading local server/g) ?? []).length;
+      return (readFileSync(logFile, "utf8").match(pattern) ?? []).length;
     } catch {
       return 0;
     }
   };
+  // Code and config are frozen, so nothing should restart the Worker; if something does, the report says so.
+  const reloads = () => logCount(/Reloading local server/g);
 
-  return { baseUrl, port, stateDir, exportsReceived: sink.received, reloads, logTail: () => tail(logFile), stop };
+  return { baseUrl, port, stateDir, exportsReceived: sink.received, reloads, logCount, logTail: () => tail(logFile), stop };
 }
 
 /** For an interrupt, just before the process exits: SIGKILLs every dev server started here. */
