@@ -9,6 +9,7 @@
 import { mkdirSync, openSync } from "node:fs";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
+import { describeAudit, fetchAudit } from "../scripts/audit-client.mjs";
 import { startDataPlatform } from "../scripts/data-platform.mjs";
 import {
   ensureDevVars,
@@ -377,6 +378,9 @@ try {
     p.counted === p.netSold && uncounted === 0 && cancelUncounted === 0,
     `${p.counted} counted, ${p.netSold} net sold; ${uncounted} orders and ${cancelUncounted} cancellations not counted once`,
   );
+  // The service's own audit must agree: every invariant it knows, on the data the drill left.
+  const audit = await fetchAudit(BASE, admin);
+  check("audit: GET /api/admin/audit is ok", audit.ok, describeAudit(audit).replaceAll("\n", "; "));
 } finally {
   await stopAll();
 }

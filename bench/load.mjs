@@ -46,6 +46,7 @@ export async function runLoad({ baseUrl, concurrency, amount, duration, nextJob,
       const headers = { accept: "application/json" };
       if (job.token) headers.authorization = `Bearer ${job.token}`;
       if (job.body !== undefined) headers["content-type"] = "application/json";
+      Object.assign(headers, job.headers);
       return {
         ...req,
         method: job.method ?? "GET",

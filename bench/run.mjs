@@ -7,18 +7,19 @@ import { dirname, join } from "node:path";
 import autocannon from "autocannon";
 import { cancelStorm } from "./cancel-storm.mjs";
 import { ensureDevVars, readDevVars, tokenFor } from "../scripts/local.mjs";
+import { describeAudit, fetchAudit } from "../scripts/audit-client.mjs";
 import { invariant, runD1Checks } from "./invariants.mjs";
 import { mixed } from "./mixed.mjs";
 import { catalogDetail, catalogList, chargeStorm, floor, floorEnd } from "./reads.mjs";
 import { evaluateTargets, floorOf, machineInfo, printResults, withRatios, writeResults } from "./report.mjs";
 import { createApi, createUserPool } from "./seed.mjs";
 import { queryD1, removeState, startBenchServer, signalRunningServers } from "./server.mjs";
-import { couponStorm, orderStorm } from "./storms.mjs";
+import { couponStorm, orderStorm, orderStormKeyed } from "./storms.mjs";
 import { couponStormSharded } from "./coupon-storm-sharded.mjs";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const RESULTS_FILE = join(ROOT, "bench", "results", "latest.json");
-const SCENARIOS = [floor, catalogList, catalogDetail, chargeStorm, couponStorm, couponStormSharded, orderStorm, cancelStorm, mixed, floorEnd];
+const SCENARIOS = [floor, catalogList, catalogDetail, chargeStorm, couponStorm, couponStormSharded, orderStorm, orderStormKeyed, cancelStorm, mixed, floorEnd];
 const FLOORS = ["floor", "floor-end"];
 const CONCURRENCY = 100;
 
@@ -185,6 +186,9 @@ async function main() {
     );
     verdicts.forEach((invariants, i) => results.find((r) => r.name === d1Checks[i].scenario).invariants.push(...invariants));
     console.log(`  D1 checks: ${d1Checks.length} in ${seconds(d1Started)} s; exports delivered to the stand-in platform: ${server.exportsReceived()}`);
+    // The service's own audit, on everything the scenarios left behind.
+    const audit = await fetchAudit(server.baseUrl, await tokenFor(secret, "admin"));
+    results.at(-1).invariants.push(invariant("audit: GET /api/admin/audit is ok", audit.ok, describeAudit(audit).replaceAll("\n", "; ")));
     completed = true;
   } finally {
     workerReloads = server.reloads();

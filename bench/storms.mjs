@@ -77,57 +77,81 @@ export const couponStorm = {
 const STORM_PRICE = 1_000;
 const STORM_FUNDING = 2 * STORM_PRICE;
 
-export const orderStorm = {
-  name: "order-storm",
-  describe: "POST /api/orders, one unit per buyer",
-  write: true,
-  async run(ctx) {
-    const { buyers: buyerCount, stock } = ctx.sizes;
-    const buyers = await ctx.pool.reserve(buyerCount);
-    const funded = await ctx.api.fund(buyers, STORM_FUNDING);
-    const product = await ctx.api.createProduct(`bench storm product x${stock}`, STORM_PRICE, stock);
-    const orderIds = [];
-    const paidBy = new Map();
-    let overflow = 0;
-    const jobs = buyers.map((buyer) => ({
-      method: "POST",
-      path: "/api/orders",
-      token: buyer.token,
-      body: { items: [{ productId: product.id, quantity: 1 }] },
-      onAnswer: (status, order) => {
-        if (status !== 200) return;
-        orderIds.push(order.id);
-        paidBy.set(buyer.id, order.paidAmount);
-      },
-    }));
-    const load = await runLoad({
-      baseUrl: ctx.baseUrl,
-      concurrency: ctx.concurrency,
-      amount: jobs.length,
-      nextJob: oneEach(jobs, () => overflow++),
-      expected: ["200", "400 OUT_OF_STOCK"],
-    });
+/**
+ * One unit per buyer for a stock a third of the buyers can have. `keyed`: every order carries its own
+ * Idempotency-Key, as a careful client sends it. D1 write transactions are counted from the stock
+ * object's "order group committed" log lines (one per group batch).
+ */
+function orderStormScenario({ name, keyed }) {
+  return {
+    name,
+    describe: `POST /api/orders, one unit per buyer${keyed ? ", each with an Idempotency-Key" : ""}`,
+    write: true,
+    async run(ctx) {
+      const { buyers: buyerCount, stock } = ctx.sizes;
+      const buyers = await ctx.pool.reserve(buyerCount);
+      const funded = await ctx.api.fund(buyers, STORM_FUNDING);
+      const product = await ctx.api.createProduct(`bench ${name} product x${stock}`, STORM_PRICE, stock);
+      const groupsBefore = ctx.logCount(groupLinePattern(product.id));
+      const orderIds = [];
+      const paidBy = new Map();
+      let overflow = 0;
+      const jobs = buyers.map((buyer) => ({
+        method: "POST",
+        path: "/api/orders",
+        token: buyer.token,
+        headers: keyed ? { "Idempotency-Key": `bench-${name}-${buyer.id}` } : undefined,
+        body: { items: [{ productId: product.id, quantity: 1 }] },
+        onAnswer: (status, order) => {
+          if (status !== 200) return;
+          orderIds.push(order.id);
+          paidBy.set(buyer.id, order.paidAmount);
+        },
+      }));
+      const load = await runLoad({
+        baseUrl: ctx.baseUrl,
+        concurrency: ctx.concurrency,
+        amount: jobs.length,
+        nextJob: oneEach(jobs, () => overflow++),
+        expected: ["200", "400 OUT_OF_STOCK"],
+      });
 
-    const after = await ctx.api.getProduct(product.id);
-    const expectedBalances = new Map(buyers.map((b) => [b.id, funded.get(b.id) - (paidBy.get(b.id) ?? 0)]));
-    return {
-      load,
-      facts: { productId: product.id, buyers: buyerCount, stock, sold: orderIds.length },
-      invariants: [
-        invariant("each buyer sent exactly once", overflow === 0, `${overflow} extra requests`),
-        answersInvariant(load, { 200: stock, "400 OUT_OF_STOCK": buyerCount - stock }, buyerCount),
-        invariant(
-          "stock >= 0 and stock == initial - successful orders (API product detail)",
-          after.stock >= 0 && after.stock === stock - orderIds.length,
-          `stock ${after.stock}, initial ${stock}, ${orderIds.length} orders answered 200`,
-        ),
-      ],
-      d1Checks: [
-        stockCheck(product, { initialStock: stock, soldQuantity: orderIds.length, orderIds }),
-        paymentsCheck(product.id),
-        ledgerCheck(buyers.map((b) => b.id)),
-        balancesCheck(expectedBalances, "money conserved: balance == funding - paid, losers untouched"),
-      ],
-    };
-  },
-};
+      const after = await ctx.api.getProduct(product.id);
+      const d1WriteBatches = ctx.logCount(groupLinePattern(product.id)) - groupsBefore;
+      const expectedBalances = new Map(buyers.map((b) => [b.id, funded.get(b.id) - (paidBy.get(b.id) ?? 0)]));
+      return {
+        load,
+        facts: {
+          productId: product.id,
+          buyers: buyerCount,
+          stock,
+          sold: orderIds.length,
+          keyed,
+          d1WriteBatches,
+          d1WriteBatchesPer1000Sold: orderIds.length ? Math.round((d1WriteBatches * 1000) / orderIds.length) : null,
+        },
+        invariants: [
+          invariant("each buyer sent exactly once", overflow === 0, `${overflow} extra requests`),
+          answersInvariant(load, { 200: stock, "400 OUT_OF_STOCK": buyerCount - stock }, buyerCount),
+          invariant(
+            "stock >= 0 and stock == initial - successful orders (API product detail)",
+            after.stock >= 0 && after.stock === stock - orderIds.length,
+            `stock ${after.stock}, initial ${stock}, ${orderIds.length} orders answered 200`,
+          ),
+        ],
+        d1Checks: [
+          stockCheck(product, { initialStock: stock, soldQuantity: orderIds.length, orderIds }),
+          paymentsCheck(product.id),
+          ledgerCheck(buyers.map((b) => b.id)),
+          balancesCheck(expectedBalances, "money conserved: balance == funding - paid, losers untouched"),
+        ],
+      };
+    },
+  };
+}
+
+/** The stock object's log line for one committed group of this product's orders. */
+const groupLinePattern = (productId) => new RegExp(`"msg":"order group committed"[^\n]*"productId":${productId}[,}]`, "g");
+
+export const orderStorm = orderStormScenario({ name: "order-storm", keyed: false });
+export const orderStormKeyed = orderStormScenario({ name: "order-storm-keyed", keyed: true });
