@@ -6,6 +6,22 @@ import { couponCheck, invariant } from "./invariants.mjs";
 
 const SHARDS = 16;
 
+/**
+ * The coupon's per-shard figures, as the audit's coupons check lists them (details.shardedCoupons: one array
+ * entry per shard, null for a shard that was not live). The shards commit their last batches right after
+ * answering: asks again, briefly, while the audit finds them busy.
+ */
+async function shardFigures(api, couponId) {
+  for (let attempt = 1; ; attempt++) {
+    const audit = await api.admin("GET", "/api/admin/audit");
+    const coupons = audit.checks.find((c) => c.name === "coupons");
+    const figures = coupons?.details.shardedCoupons?.find((f) => f.couponId === couponId);
+    if (!figures) throw new Error(`the audit lists no shard figures for coupon ${couponId}: ${JSON.stringify(coupons?.details)}`);
+    if (figures.gate !== "busy" || attempt === 10) return figures;
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+}
+
 export const couponStormSharded = {
   name: "coupon-storm-sharded",
   describe: `POST /api/coupons/{id}/issue, one per user, a coupon of ${SHARDS} shards`,
@@ -45,12 +61,13 @@ export const couponStormSharded = {
     });
 
     const after = await ctx.api.getCoupon(coupon.id);
-    const { items } = await ctx.api.admin("GET", `/api/admin/coupons/${coupon.id}/shards`);
-    const reached = items.reduce((n, s) => n + s.requests, 0);
-    const quota = items.reduce((n, s) => n + (s.quota ?? 0), 0);
-    const issuedInObjects = items.reduce((n, s) => n + s.issued, 0);
-    const transfers = items.reduce((n, s) => n + s.transfersGiven, 0);
-    const share = items.map((s) => `${s.shard}:${((100 * s.requests) / Math.max(1, reached)).toFixed(1)}%`).join(" ");
+    const figures = await shardFigures(ctx.api, coupon.id);
+    const sum = (values) => values.reduce((n, v) => n + (v ?? 0), 0);
+    const reached = sum(figures.requests);
+    const quota = sum(figures.quota);
+    const issuedInObjects = sum(figures.issued);
+    const transfers = sum(figures.transfersGiven);
+    const share = figures.requests.map((r, shard) => `${shard}:${((100 * (r ?? 0)) / Math.max(1, reached)).toFixed(1)}%`).join(" ");
     const got = Object.entries(load.outcomes).map(([k, v]) => `${v} × ${k}`).join(", ");
     console.log(`    shards: ${SHARDS}; requests that reached a gate: ${reached} of ${load.requests}; quota transfers: ${transfers}`);
     console.log(`    share of requests per shard: ${share}`);
@@ -65,9 +82,9 @@ export const couponStormSharded = {
         reachedGates: reached,
         answeredBySoldOutMark: load.requests - reached,
         quotaTransfers: transfers,
-        piecesTransferred: items.reduce((n, s) => n + s.piecesGiven, 0),
-        requestsPerShard: items.map((s) => s.requests),
-        issuedPerShard: items.map((s) => s.issued),
+        piecesTransferred: sum(figures.piecesGiven),
+        requestsPerShard: figures.requests,
+        issuedPerShard: figures.issued,
       },
       invariants: [
         invariant("each user sent exactly once", overflow === 0, `${overflow} extra requests`),
@@ -85,9 +102,17 @@ export const couponStormSharded = {
           `issuedCount ${after.issuedCount} of ${after.totalQuantity}`,
         ),
         invariant(
+          "the audit asked every shard and their counts agree with D1's",
+          figures.gate === "agrees" && figures.issued.every((n) => n !== null),
+          `audit: ${figures.gate}; shards not live: ${figures.issued.filter((n) => n === null).length}`,
+        ),
+        invariant(
           "the shards' quotas sum to the total, their counts to the issued, nothing in transit",
-          quota === couponQuantity && issuedInObjects === couponQuantity && items.every((s) => s.openIntents === 0 && s.pending === 0),
-          `quota ${quota}, issued in objects ${issuedInObjects}, open intents ${items.reduce((n, s) => n + s.openIntents, 0)}`,
+          quota === couponQuantity &&
+            issuedInObjects === couponQuantity &&
+            figures.openIntents.every((n) => n === 0) &&
+            figures.pending.every((n) => n === 0),
+          `quota ${quota}, issued in objects ${issuedInObjects}, open intents ${sum(figures.openIntents)}, pending ${sum(figures.pending)}`,
         ),
       ],
       d1Checks: [couponCheck(coupon.id, { issued: couponQuantity, winners })],

@@ -6,6 +6,29 @@ export type CheckName = "wallet" | "coupons" | "stock" | "orders" | "exports";
 /** One offending row, named by its id and the numbers that disagree. */
 export type Sample = Record<string, string | number | null>;
 
+/** Per shard, in shard order; null where the shard was not live or did not answer. */
+type PerShard = (number | null)[];
+
+/** One sharded coupon's gates, as the coupons check lists them (docs/sharded-coupons.md). */
+export interface ShardedCouponFigures {
+  couponId: number;
+  shards: number;
+  /** D1's issued_count. */
+  issuedCount: number;
+  /** What the audit made of the shards together. */
+  gate: "agrees" | "disagrees" | "busy" | "idle" | "unreachable";
+  issued: PerShard;
+  quota: PerShard;
+  pending: PerShard;
+  requests: PerShard;
+  transfersGiven: PerShard;
+  piecesGiven: PerShard;
+  openIntents: PerShard;
+}
+
+/** A count, or the coupons check's `shardedCoupons`: figures that are reported, not judged. */
+export type Detail = number | ShardedCouponFigures[];
+
 export interface CheckResult {
   name: CheckName;
   ok: boolean;
@@ -14,11 +37,16 @@ export interface CheckResult {
   violations: number;
   /** Up to MAX_SAMPLES of the violations. */
   samples: Sample[];
-  /** Counts that are reported, not judged: objects skipped while busy, failed exports, rows not reached. */
-  details: Record<string, number>;
+  /**
+   * Reported, not judged: counts (objects skipped while busy, failed exports, rows not reached) and, for the
+   * coupons check, `shardedCoupons`: the figures of each shard of the first sharded coupons.
+   */
+  details: Record<string, Detail>;
 }
 
 export const MAX_SAMPLES = 10;
+/** Sharded coupons whose shards' figures the coupons check lists, the first it asked by id. */
+export const MAX_SHARDED_FIGURES = 20;
 
 export interface AuditLimits {
   /** Rows per keyset page; each page is one D1 query. */
@@ -51,7 +79,8 @@ export class Check {
   checked = 0;
   violations = 0;
   private readonly samples: Sample[] = [];
-  private readonly details: Record<string, number> = {};
+  private readonly counts: Record<string, number> = {};
+  private readonly shardedCoupons: ShardedCouponFigures[] = [];
 
   constructor(readonly name: CheckName) {}
 
@@ -61,7 +90,12 @@ export class Check {
   }
 
   count(detail: string, n = 1): void {
-    this.details[detail] = (this.details[detail] ?? 0) + n;
+    this.counts[detail] = (this.counts[detail] ?? 0) + n;
+  }
+
+  /** Lists a sharded coupon's figures (the caller bounds the list). */
+  listShardedCoupon(figures: ShardedCouponFigures): void {
+    this.shardedCoupons.push(figures);
   }
 
   result(): CheckResult {
@@ -71,7 +105,7 @@ export class Check {
       checked: this.checked,
       violations: this.violations,
       samples: this.samples,
-      details: this.details,
+      details: this.shardedCoupons.length > 0 ? { ...this.counts, shardedCoupons: this.shardedCoupons } : { ...this.counts },
     };
   }
 }
@@ -103,6 +137,24 @@ export async function forEachBounded<T>(items: T[], concurrency: number, fn: (it
     while (next < items.length) await fn(items[next++]!);
   };
   await Promise.all(Array.from({ length: Math.min(concurrency, items.length) }, worker));
+}
+
+/** Runs the calls given to it, at most `concurrency` at once; the others wait their turn, in order. */
+export function limiter(concurrency: number): <T>(call: () => Promise<T>) => Promise<T> {
+  let running = 0;
+  const waiting: (() => void)[] = [];
+  return async (call) => {
+    // A finished call hands its slot straight to the next waiting one.
+    if (running < concurrency) running++;
+    else await new Promise<void>((resolve) => waiting.push(resolve));
+    try {
+      return await call();
+    } finally {
+      const next = waiting.shift();
+      if (next) next();
+      else running--;
+    }
+  };
 }
 
 type PagedTable = "users" | "coupons" | "products" | "order_exports";

@@ -24,18 +24,22 @@ export interface Disagreement<V> {
 
 type Outcome<V> = keyof typeof DETAIL | { d1: number; view: V };
 
+/** What the audit made of one row's object, after its confirmations. */
+export type ObjectOutcome = Verdict | "idle" | "unreachable";
+
 const DETAIL = { agrees: "objectsAgreed", idle: "objectsIdle", busy: "objectsBusy", unreachable: "objectsUnreachable" } as const;
 
 /**
  * Asks the object of each row, and returns the rows whose object disagrees with D1 on every look. Counts
  * the rest in `check`'s details: objectsAgreed, objectsIdle (not live: it reads D1 before deciding
- * anything), objectsBusy, objectsUnreachable.
+ * anything), objectsBusy, objectsUnreachable. `outcomes`, when given, gets each row's final outcome.
  */
 export async function compareObjects<V>(
   rows: { id: number; d1: number }[],
   audit: ObjectAudit<V>,
   limits: AuditLimits,
   check: Check,
+  outcomes?: Map<number, ObjectOutcome>,
 ): Promise<Disagreement<V>[]> {
   const look = async (id: number, d1: number): Promise<Outcome<V>> => {
     let view: V | null;
@@ -51,6 +55,7 @@ export async function compareObjects<V>(
 
   let suspects: Disagreement<V>[] = [];
   const tally = (id: number, outcome: Outcome<V>) => {
+    outcomes?.set(id, typeof outcome === "object" ? "disagrees" : outcome);
     if (typeof outcome === "object") suspects.push({ id, ...outcome });
     else check.count(DETAIL[outcome]);
   };
@@ -65,7 +70,7 @@ export async function compareObjects<V>(
     await forEachBounded(again, limits.concurrency, async ({ id }) => {
       const d1 = current.get(id);
       // The row is gone: nothing left to disagree with.
-      if (d1 === undefined) return check.count(DETAIL.idle);
+      if (d1 === undefined) return tally(id, "idle");
       tally(id, await look(id, d1));
     });
   }
@@ -78,7 +83,7 @@ export async function readValues(db: D1Database, sql: string, ids: number[]): Pr
   return new Map(results.map((r) => [r.id, r.value]));
 }
 
-function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
+export function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
   let timer: ReturnType<typeof setTimeout> | undefined;
   const timeout = new Promise<never>((_, reject) => {
     timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms`)), ms);

@@ -1,7 +1,7 @@
 import { createRoute } from "@hono/zod-openapi";
 import { bearer, createRouter, jsonBody, jsonResponse, problems } from "../lib/openapi";
-import { CouponParams, CouponSchema, CouponShardsSchema, CreateCouponBody } from "./schemas";
-import { createCoupon, getCoupon, getCouponShards } from "./service";
+import { CouponParams, CouponSchema, CreateCouponBody } from "./schemas";
+import { createCoupon, getCoupon } from "./service";
 
 // Mounted under /api/admin, whose router authenticates and requires an admin for every route.
 const adminRoute = { tags: ["Admin"], security: bearer };
@@ -28,15 +28,4 @@ export const couponAdminRoutes = createRouter()
       responses: { 200: jsonResponse(CouponSchema, "The coupon"), ...problems(400, 401, 403, 404) },
     }),
     async (c) => c.json(await getCoupon(c.get("db"), c.req.valid("param").couponId), 200),
-  )
-  .openapi(
-    createRoute({
-      ...adminRoute,
-      method: "get",
-      path: "/{couponId}/shards",
-      summary: "Each gate shard of a coupon: its quota, counts and quota transfers (docs/sharded-coupons.md)",
-      request: { params: CouponParams },
-      responses: { 200: jsonResponse(CouponShardsSchema, "The coupon's shards"), ...problems(400, 401, 403, 404) },
-    }),
-    async (c) => c.json(await getCouponShards(c.get("db"), c.env.COUPON_GATE, c.req.valid("param").couponId), 200),
   );

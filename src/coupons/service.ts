@@ -5,7 +5,7 @@ import { describeError, log } from "../lib/log";
 import type { Clock } from "../lib/clock";
 import type { Db } from "../env";
 import type { CouponGate, IssueOutcome, IssueRefusal } from "./coupon-gate";
-import type { Coupon, CouponShards, CreateCoupon, UserCoupon } from "./schemas";
+import type { Coupon, CreateCoupon, UserCoupon } from "./schemas";
 import { gateName, shardOf } from "./shards";
 
 type CouponRow = typeof coupons.$inferSelect;
@@ -108,19 +108,6 @@ async function askGate(
     log("error", "coupon gate call failed", { couponId: request.couponId, userId: request.userId, ...describeError(error) });
     throw new AppError("SERVICE_UNAVAILABLE", UNCONFIRMED);
   }
-}
-
-/** Each shard's quota, counts and transfers, as its gate keeps them. */
-export async function getCouponShards(
-  db: Db,
-  gates: DurableObjectNamespace<CouponGate>,
-  couponId: number,
-): Promise<CouponShards> {
-  const { shards } = await getCoupon(db, couponId);
-  const items = await Promise.all(
-    Array.from({ length: shards }, (_, shard) => gates.getByName(gateName(couponId, shard)).shardState(couponId, shard)),
-  );
-  return { couponId, shards, items };
 }
 
 function refusalDetail(code: IssueRefusal, couponId: number, userId: number): string {

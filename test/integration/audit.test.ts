@@ -1,12 +1,13 @@
 import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
-import { DEFAULT_LIMITS, type AuditLimits, type CheckName, type CheckResult } from "../../src/audit/check";
+import { DEFAULT_LIMITS, type AuditLimits, type CheckName, type CheckResult, type ShardedCouponFigures } from "../../src/audit/check";
 import { runAudit, type AuditReport } from "../../src/audit/service";
+import { shardOf } from "../../src/coupons/shards";
 import { systemClock } from "../../src/lib/clock";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { placeHeldOrder } from "../helpers/cancellations";
-import { gateOf } from "../helpers/coupon-gate";
+import { bulkUsers, codes, gateOf, issueAll, makeShardedCoupon, shardGateOf } from "../helpers/coupon-gate";
 import { all, one } from "../helpers/db";
 import { chargeUser, makeCoupon, makeProduct, makeUser } from "../helpers/factories";
 
@@ -159,6 +160,58 @@ describe("GET /api/admin/audit", () => {
     expect((await audit()).ok).toBe(true);
   });
 
+  it("asks every shard of a sharded coupon: clean after a storm, then a drifted shard and a changed D1 count are found", async () => {
+    const coupon = await makeShardedCoupon(4, 12);
+    // 5 users on each shard for its 3 pieces: every shard is live and sells out.
+    const pool = await bulkUsers(100);
+    const users = [0, 1, 2, 3].flatMap((shard) => pool.filter((id) => shardOf(id, 4) === shard).slice(0, 5));
+    expect(users).toHaveLength(20);
+    expect(codes(await issueAll(coupon.id, users))).toEqual({ OK: 12, COUPON_SOLD_OUT: 8 });
+    const figuresOf = (report: AuditReport) =>
+      (checkOf(report, "coupons").details.shardedCoupons as ShardedCouponFigures[] | undefined)?.find((f) => f.couponId === coupon.id);
+    const sum = (figures: (number | null)[]) => figures.reduce<number>((n, x) => n + (x ?? 0), 0);
+
+    // Its shards settle their batches right after answering: wait until they are compared, not skipped.
+    await expect.poll(async () => figuresOf(await audit())?.gate).toBe("agrees");
+    const clean = await audit();
+    expect(clean.ok).toBe(true);
+    const figures = figuresOf(clean)!;
+    expect(figures).toMatchObject({ shards: 4, issuedCount: 12, gate: "agrees", issued: [3, 3, 3, 3], pending: [0, 0, 0, 0], openIntents: [0, 0, 0, 0] });
+    expect(sum(figures.quota)).toBe(12);
+    expect(figures.requests.every((n) => n !== null && n >= 3)).toBe(true);
+
+    // One shard's own count drifts (shard 0 alone would be all the audit asked before).
+    const shift = (delta: number) =>
+      runInDurableObject(shardGateOf(coupon.id, 2), (_instance, state) => {
+        state.storage.sql.exec("UPDATE coupon SET issued_count = issued_count + ?", delta);
+      });
+    await shift(-1);
+    try {
+      const report = await audit();
+      expect(report.ok).toBe(false);
+      expect(checkOf(report, "coupons").samples).toEqual([{ couponId: coupon.id, kind: "GATE_DISAGREES", issuedCount: 12, gateIssuedCount: 11 }]);
+      expect(figuresOf(report)).toMatchObject({ gate: "disagrees", issued: [3, 3, 2, 3] });
+      othersClean(report, "coupons");
+    } finally {
+      await shift(1);
+    }
+
+    // D1's count changed behind the shards' back.
+    await env.DB.prepare("UPDATE coupons SET issued_count = 11 WHERE id = ?").bind(coupon.id).run();
+    try {
+      const report = await audit();
+      expect(report.ok).toBe(false);
+      expect(checkOf(report, "coupons").samples).toEqual([
+        { couponId: coupon.id, kind: "COUNT_NOT_ROWS", issuedCount: 11, rows: 12, totalQuantity: 12 },
+        { couponId: coupon.id, kind: "GATE_DISAGREES", issuedCount: 11, gateIssuedCount: 12 },
+      ]);
+      othersClean(report, "coupons");
+    } finally {
+      await env.DB.prepare("UPDATE coupons SET issued_count = 12 WHERE id = ?").bind(coupon.id).run();
+    }
+    expect((await audit()).ok).toBe(true);
+  });
+
   it("finds a stock object that disagrees with D1", async () => {
     const product = await liveProduct(10);
     const shift = (delta: number) =>
@@ -254,7 +307,7 @@ describe("GET /api/admin/audit", () => {
       env.DB.prepare("UPDATE order_exports SET status = ?, updated_at = ? WHERE id = ?").bind(e.status, e.updated_at, e.id).run();
     // Untouched for three hours: past the relay's redelivery (30 min) and any backoff.
     await put({ ...stuck, status: "PENDING", updated_at: new Date(Date.now() - 3 * 3_600_000).toISOString() });
-    const before = checkOf(await audit(), "exports").details.failed ?? 0;
+    const before = Number(checkOf(await audit(), "exports").details.failed ?? 0);
     await put({ ...failed, status: "FAILED" });
     try {
       const report = await audit();
