@@ -58,12 +58,12 @@ const UNCONFIRMED = "The issue could not be confirmed; try again (a retry never 
 
 /**
  * Per isolate: each coupon's shard count (fixed at creation: learnt once, from the gate that a request with
- * the wrong count reaches), and until when a sharded coupon is known sold out. A coupon not in the first
+ * the wrong count reaches), and until when a coupon is known sold out. A coupon not in the first
  * map is routed as one shard, which is right for most and reaches shard 0 of the others.
  */
 const shardCounts = new Map<number, number>();
 const soldOutUntil = new Map<number, number>();
-/** How long a sharded coupon's sold-out answer is repeated without asking a gate: a piece that comes back waits this long at most. */
+/** How long a sold-out answer is repeated without asking a gate: a piece that comes back waits this long at most. */
 export const SOLD_OUT_MARK_MS = 1_000;
 
 /** First come, first served: the user's shard of the coupon decides, and answers once D1 has the row. */
@@ -88,11 +88,10 @@ export async function issueCoupon(
   }
   if (outcome.ok) return outcome.userCoupon;
   if (outcome.code === "MISROUTED") throw new AppError("SERVICE_UNAVAILABLE", UNCONFIRMED);
-  if (shards > 1) {
-    // A sharded gate says sold out only once every shard is dry; a failed batch may give pieces back.
-    if (outcome.code === "COUPON_SOLD_OUT") soldOutUntil.set(couponId, Date.now() + SOLD_OUT_MARK_MS);
-    if (outcome.code === "USER_NOT_FOUND" || outcome.code === "SERVICE_UNAVAILABLE") soldOutUntil.delete(couponId);
-  }
+  // A gate says sold out only once every piece is issued or held (every shard dry); a failed batch, which
+  // this isolate hears of as USER_NOT_FOUND or 503, may give pieces back and reopens the coupon here.
+  if (outcome.code === "COUPON_SOLD_OUT") soldOutUntil.set(couponId, Date.now() + SOLD_OUT_MARK_MS);
+  if (outcome.code === "USER_NOT_FOUND" || outcome.code === "SERVICE_UNAVAILABLE") soldOutUntil.delete(couponId);
   throw new AppError(outcome.code, refusalDetail(outcome.code, couponId, userId));
 }
 
