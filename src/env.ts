@@ -11,6 +11,8 @@ export interface AppVariables {
   clock: Clock;
   db: Db;
   caller: Caller;
+  /** The `code` of the problem response this request answers with, for the metrics. */
+  problemCode?: string;
 }
 
 export interface AppEnv {

@@ -106,8 +106,8 @@ function refusalError(line: StockLine, result: Refused): AppError {
  * (overloaded) is a plain 503; any other may have placed the order, so its outcome is unknown.
  */
 export async function placeSingleProductOrder(env: Env, line: StockLine, order: SingleProductOrder): Promise<{ body: string; stored: boolean }> {
-  // A keyed order always asks: it may be the retry of one already placed, to be replayed.
-  if (order.claim === null && markedSoldOut(line.productId)) {
+  // A keyed order that took over a crashed run always asks: that run may have placed it, to be replayed.
+  if ((order.claim === null || order.claim.fresh) && markedSoldOut(line.productId)) {
     throw new AppError("OUT_OF_STOCK", `Product ${line.productId} is sold out`);
   }
   let result: Awaited<ReturnType<DurableObjectStub<ProductStock>["placeOrder"]>>;

@@ -25,11 +25,24 @@ export async function signToken(
   return sign({ ...claims, exp: Math.floor(nowMs / 1000) + expiresInSeconds }, secret, "HS256");
 }
 
+// Importing the HMAC key costs as much as checking a signature: each isolate imports it once per secret.
+const verifyKeys = new Map<string, Promise<CryptoKey>>();
+
+function verifyKeyFor(secret: string): Promise<CryptoKey> {
+  let key = verifyKeys.get(secret);
+  if (!key) {
+    key = crypto.subtle.importKey("raw", new TextEncoder().encode(secret), { name: "HMAC", hash: "SHA-256" }, false, ["verify"]);
+    key.catch(() => verifyKeys.delete(secret));
+    verifyKeys.set(secret, key);
+  }
+  return key;
+}
+
 /** Verifies an HS256 token (the algorithm is pinned: a token claiming any other one is rejected). */
 export async function verifyToken(secret: string, token: string): Promise<Caller> {
   let payload: Record<string, unknown>;
   try {
-    payload = await verify(token, secret, { alg: "HS256", exp: true, nbf: true, iat: true });
+    payload = await verify(token, await verifyKeyFor(secret), { alg: "HS256", exp: true, nbf: true, iat: true });
   } catch {
     throw new AppError("UNAUTHENTICATED", "The token is malformed, expired or not signed with the expected key");
   }

@@ -136,6 +136,8 @@ export interface Claim extends ClaimRequest {
    * effect, so the separate write that would store it is skipped (it would match nothing anyway).
    */
   storedWithEffect?: boolean;
+  /** True when this claim began the key's life now (not a takeover of a crashed run): no effect of it exists yet. */
+  fresh?: boolean;
 }
 
 async function sha256Hex(text: string): Promise<string> {
@@ -178,7 +180,7 @@ async function tryClaim(db: Db, claim: ClaimRequest, now: Date): Promise<Claim |
     .returning({ createdAt: idempotencyKeys.createdAt });
   const life = claimed[0]?.createdAt;
   if (life === undefined) return null;
-  return { ...claim, effectRef: await effectRefOf(claim.scope, claim.key, life) };
+  return { ...claim, effectRef: await effectRefOf(claim.scope, claim.key, life), fresh: life === at };
 }
 
 /** The effect reference of a key's life, the one that began at `createdAt`. */

@@ -23,7 +23,7 @@ export function requestMetrics(): MiddlewareHandler<AppEnv> {
     const durationMs = performance.now() - started;
     try {
       const route = routeTemplate(c);
-      const code = await problemCodeOf(c.res);
+      const code = c.get("problemCode") ?? (await problemCodeOf(c.res));
       c.env.METRICS.writeDataPoint({ indexes: [route], blobs: [route, c.req.method, code], doubles: [c.res.status, durationMs] });
     } catch (error) {
       log("warn", "metrics: data point not written", describeError(error));
@@ -37,6 +37,7 @@ export function routeTemplate(c: Context): string {
   return route ? route.path.replace(/:(\w+)(\{[^}]*\})?/g, "{$1}") : UNMATCHED_ROUTE;
 }
 
+/** The code of a problem response not built in this request (an idempotent replay of a stored one). */
 async function problemCodeOf(res: Response): Promise<string> {
   if (!res.headers.get("Content-Type")?.startsWith(PROBLEM_CONTENT_TYPE)) return "";
   const body = (await res.clone().json().catch(() => null)) as { code?: unknown } | null;

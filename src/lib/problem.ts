@@ -14,6 +14,7 @@ const RETRY_AFTER_SECONDS: Partial<Record<number, string>> = { 429: "10", 503: "
 export function problemResponse(c: Context<AppEnv>, error: AppError): Response {
   const requestId = c.get("requestId") ?? "unknown";
   const retryAfter = RETRY_AFTER_SECONDS[error.status];
+  c.set("problemCode", error.code);
   return c.body(JSON.stringify(toProblem(error, requestId)), error.status, {
     "Content-Type": PROBLEM_CONTENT_TYPE,
     ...(retryAfter ? { "Retry-After": retryAfter } : {}),

@@ -4,6 +4,7 @@ import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
 import { makeProduct, makeUser } from "../helpers/factories";
 import { inject } from "../helpers/faults";
+import { requestFingerprint } from "../../src/lib/idempotency";
 
 // One product's orders are written by its stock object in group commits: many orders per D1 batch,
 // each caller answered once its own rows are committed, and a refused order failing alone.
@@ -18,6 +19,19 @@ async function buyers(count: number, balance = 50_000) {
       return { id: user.id, token: await tokenFor(user.id) };
     }),
   );
+}
+
+/** An Idempotency-Key whose first run crashed: IN_PROGRESS, its lock run out. */
+async function crashedClaim(userId: number, body: string): Promise<string> {
+  const key = crypto.randomUUID();
+  const createdAt = new Date(Date.now() - 120_000).toISOString();
+  await env.DB.prepare(
+    `INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at)
+     VALUES (?, ?, ?, 'IN_PROGRESS', ?, ?, ?)`,
+  )
+    .bind(`user:${userId}`, key, await requestFingerprint("POST", "/api/orders", body), new Date(Date.now() - 60_000).toISOString(), createdAt, new Date(Date.now() + 86_400_000).toISOString())
+    .run();
+  return key;
 }
 
 const orderOne = (token: string, productId: number, extra: Record<string, unknown> = {}) =>
@@ -133,12 +147,15 @@ describe("a sold-out product", () => {
       const refusals = await Promise.all(crowd.slice(2).map((b) => orderOne(b.token, product.id)));
       for (const r of refusals) expectProblem(r, 400, "OUT_OF_STOCK");
       expect(calls).toBe(0);
-      const keyed = await call("POST", "/api/orders", {
-        token: crowd[2]!.token,
-        headers: { "Idempotency-Key": "sold-out-keyed" },
-        body: { items: [{ productId: product.id, quantity: 1 }] },
-      });
+      // A keyed order starting its key's life cannot have placed anything yet: answered here too.
+      const body = JSON.stringify({ items: [{ productId: product.id, quantity: 1 }] });
+      const keyed = await call("POST", "/api/orders", { token: crowd[2]!.token, headers: { "Idempotency-Key": "sold-out-keyed" }, body });
       expectProblem(keyed, 400, "OUT_OF_STOCK");
+      expect(calls).toBe(0);
+      // One that takes over a crashed run must ask: that run may have placed it, to be replayed.
+      const crashed = await crashedClaim(crowd[4]!.id, body);
+      const takeover = await call("POST", "/api/orders", { token: crowd[4]!.token, headers: { "Idempotency-Key": crashed }, body });
+      expectProblem(takeover, 400, "OUT_OF_STOCK");
       expect(calls).toBe(1);
     } finally {
       restore();
