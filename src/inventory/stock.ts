@@ -23,6 +23,11 @@ const SOLD_OUT_MARK_MS = 1_000;
 const soldOutUntil = new Map<number, number>();
 
 const markedSoldOut = (productId: number) => (soldOutUntil.get(productId) ?? 0) > Date.now();
+
+/** The refusal for a product this isolate saw sold out within the last second, or null. */
+export function soldOutRefusal(productId: number): AppError | null {
+  return markedSoldOut(productId) ? new AppError("OUT_OF_STOCK", `Product ${productId} is sold out`) : null;
+}
 const forgetSoldOut = (lines: StockLine[]) => lines.forEach((l) => soldOutUntil.delete(l.productId));
 
 function stockObject(env: Env, productId: number) {
@@ -107,9 +112,8 @@ function refusalError(line: StockLine, result: Refused): AppError {
  */
 export async function placeSingleProductOrder(env: Env, line: StockLine, order: SingleProductOrder): Promise<{ body: string; stored: boolean }> {
   // A keyed order that took over a crashed run always asks: that run may have placed it, to be replayed.
-  if ((order.claim === null || order.claim.fresh) && markedSoldOut(line.productId)) {
-    throw new AppError("OUT_OF_STOCK", `Product ${line.productId} is sold out`);
-  }
+  const soldOut = order.claim === null || order.claim.fresh ? soldOutRefusal(line.productId) : null;
+  if (soldOut) throw soldOut;
   let result: Awaited<ReturnType<DurableObjectStub<ProductStock>["placeOrder"]>>;
   try {
     result = await stockObject(env, line.productId).placeOrder(line.productId, order);

@@ -45,6 +45,14 @@ const keySchema = IdempotencyKeyHeader.shape["idempotency-key"].unwrap();
 
 type KeyRow = typeof idempotencyKeys.$inferSelect;
 
+export interface IdempotentOptions {
+  /**
+   * A refusal the route can give before running anything (a product this isolate knows is sold out).
+   * For a new key it is stored as the key's result in one write; a key in use takes the usual path.
+   */
+  refuseEarly?: () => AppError | null;
+}
+
 /**
  * Runs `handler` at most once per (caller scope, Idempotency-Key) within 24 h and returns the Response to send.
  * Generic only so a typed route handler keeps its response type: a replay is the stored copy of what
@@ -53,9 +61,14 @@ type KeyRow = typeof idempotencyKeys.$inferSelect;
 export async function idempotent<R extends Response>(
   c: Context<AppEnv>,
   handler: (claim: Claim | null) => Promise<R>,
+  options: IdempotentOptions = {},
 ): Promise<R> {
   const key = c.req.header("Idempotency-Key");
-  if (key === undefined) return handler(null);
+  if (key === undefined) {
+    const early = options.refuseEarly?.();
+    if (early) throw early;
+    return handler(null);
+  }
   if (!keySchema.safeParse(key).success) {
     throw new AppError("VALIDATION_FAILED", "The Idempotency-Key header is not valid", [
       { path: "idempotency-key", message: "1..255 printable ASCII characters" },
@@ -73,6 +86,12 @@ export async function idempotent<R extends Response>(
     lockedUntil: new Date(now.getTime() + IDEMPOTENCY_LOCK_MS).toISOString(),
   };
 
+  const early = options.refuseEarly?.();
+  if (early) {
+    const refused = await storeEarlyRefusal(c, db, request, now, early);
+    if (refused) return refused as R;
+  }
+
   // A claim released by a failing owner between our two reads is simply claimed again.
   for (let attempt = 0; attempt < 3; attempt++) {
     const claim = await tryClaim(db, request, now);
@@ -81,6 +100,29 @@ export async function idempotent<R extends Response>(
     if (existing) return answerExisting(c, existing, request) as R;
   }
   throw new AppError("IDEMPOTENCY_IN_PROGRESS", "A request with this idempotency key is still running");
+}
+
+/**
+ * A refusal known before anything runs, for a key never seen: stored as the key's result in one write
+ * (no claim, then no second write to complete it). A key already in use, or expired, takes the usual
+ * path (replay, 409, 422, or a new life); null then.
+ */
+async function storeEarlyRefusal(c: Context<AppEnv>, db: Db, request: ClaimRequest, now: Date, refusal: AppError): Promise<Response | null> {
+  const response = problemResponse(c, refusal);
+  const body = await response.text();
+  const stored = await db
+    .insert(idempotencyKeys)
+    .values({
+      ...request,
+      state: "DONE",
+      responseStatus: response.status,
+      responseBody: body,
+      createdAt: now.toISOString(),
+      expiresAt: new Date(now.getTime() + IDEMPOTENCY_TTL_MS).toISOString(),
+    })
+    .onConflictDoNothing()
+    .returning({ key: idempotencyKeys.key });
+  return stored.length > 0 ? new Response(body, { status: response.status, headers: response.headers }) : null;
 }
 
 /** SHA-256 (hex) of what makes two requests "the same": method, path and the raw body. */

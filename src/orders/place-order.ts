@@ -9,6 +9,7 @@ import {
   reserveStock,
   resyncStock,
   settleStockSoon,
+  soldOutRefusal,
   type StockLine,
 } from "../inventory/stock";
 import { describeError, log } from "../lib/log";
@@ -90,6 +91,15 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
     Promise.all([commitStock(env, orderKey, lines), dispatchOutbox(env.DB, deps.queues, written.outbox, written.createdAt)]),
   );
   return written.body;
+}
+
+/**
+ * The refusal of a one-product order for a product this isolate saw sold out within the last second:
+ * given before the idempotency claim (stored in the same single write for a new key).
+ */
+export function knownSoldOut(input: PlaceOrder): AppError | null {
+  const [only, ...more] = input.items;
+  return more.length === 0 ? soldOutRefusal(only!.productId) : null;
 }
 
 /** Steps 2 and 3: the checks that need D1, then the order's one batch. */

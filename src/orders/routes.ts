@@ -8,7 +8,7 @@ import { pageQuery, pageSchema } from "../lib/pagination";
 import { queuesOf } from "./outbox";
 import { positiveIntegerSetting } from "../lib/settings";
 import { cancelOrder } from "./cancel-order";
-import { placeOrder } from "./place-order";
+import { knownSoldOut, placeOrder } from "./place-order";
 import { getOrderJson, listOrders } from "./queries";
 import { CancelOrderBody, OrderSchema, PlaceOrderBody, type OrderDto } from "./schemas";
 
@@ -46,7 +46,7 @@ export const orderRoutes = createRouter()
           input,
         );
         return jsonText<OrderDto>(c, order);
-      }));
+      }, { refuseEarly: () => knownSoldOut(input) }));
     },
   )
   .openapi(

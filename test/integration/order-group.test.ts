@@ -164,4 +164,31 @@ describe("a sold-out product", () => {
     await call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: 1 } });
     expect((await orderOne(crowd[3]!.token, product.id)).status).toBe(200);
   });
+
+  it("a keyed order refused from the mark is stored in one write and replayed; a key that already succeeded replays its 200", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 1 });
+    const [first, second] = await buyers(2);
+    const body = JSON.stringify({ items: [{ productId: product.id, quantity: 1 }] });
+    const won = await call("POST", "/api/orders", { token: first!.token, headers: { "Idempotency-Key": "mark-1" }, body });
+    expect(won.status).toBe(200);
+    expectProblem(await orderOne(second!.token, product.id), 400, "OUT_OF_STOCK");
+
+    const refused = await call("POST", "/api/orders", { token: second!.token, headers: { "Idempotency-Key": "mark-2" }, body });
+    expectProblem(refused, 400, "OUT_OF_STOCK");
+    expect(await one("SELECT state, response_status FROM idempotency_keys WHERE scope = ? AND key = 'mark-2'", `user:${second!.id}`)).toEqual({
+      state: "DONE",
+      response_status: 400,
+    });
+    // The winner's retry while the product is marked sold out: the stored 200, not a refusal.
+    const retried = await call("POST", "/api/orders", { token: first!.token, headers: { "Idempotency-Key": "mark-1" }, body });
+    expect(retried.status).toBe(200);
+    expect(retried.text).toBe(won.text);
+    expect(retried.headers.get("Idempotent-Replayed")).toBe("true");
+    // Stock comes back; the refused key still replays its first answer, byte for byte.
+    await call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: 1 } });
+    const again = await call("POST", "/api/orders", { token: second!.token, headers: { "Idempotency-Key": "mark-2" }, body });
+    expect(again.text).toBe(refused.text);
+    expect(again.headers.get("Idempotent-Replayed")).toBe("true");
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", second!.id)).toHaveLength(0);
+  });
 });
