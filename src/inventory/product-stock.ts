@@ -361,6 +361,16 @@ export class ProductStock extends DurableObject<Env> {
    * simply free again and a restock is forgotten.
    */
   private settle(key: string, committed: boolean): void {
+    // A reload in flight is about to take D1's stock from a snapshot that may or may not hold this entry:
+    // settle it once the reload is done, against the state it leaves (which knows which it was). If the
+    // reload fails, the entry stays stored and the next load reconciles it against D1.
+    if (this.loading) {
+      this.loading.then(
+        () => this.settle(key, committed),
+        () => undefined,
+      );
+      return;
+    }
     const entry = this.entry(key);
     if (this.drop(key) === null || !committed || !entry) return;
     if (!this.isSettled(key)) {

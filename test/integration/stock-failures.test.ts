@@ -288,3 +288,44 @@ async function walletInvariantOf(userId: number): Promise<number> {
   expect(wallet.newest).toBe(wallet.balance);
   return wallet.balance;
 }
+
+describe("a re-sync racing a group commit", () => {
+  it("a commit landing while the object re-reads D1 is counted once, against the state the re-read leaves", async () => {
+    const product = await makeProduct({ price: 100, stock: 5 });
+    const stub = stockObject(product.id);
+    await stub.snapshot(product.id);
+    const user = await buyer();
+    const writeHeld = gate();
+    const reloadHeld = gate();
+    let reloadRead = false;
+    // The group's write waits for `writeHeld`; the re-read (3 statements) reads D1 at once, before the
+    // write commits, and hands its snapshot back only when `reloadHeld` opens.
+    const restore = inject(env.DB, "batch", (batch) =>
+      (async (statements: D1PreparedStatement[]) => {
+        if (statements.length > 4) await writeHeld.opened;
+        const results = await batch(statements);
+        if (statements.length === 3) {
+          reloadRead = true;
+          await reloadHeld.opened;
+        }
+        return results;
+      }) as typeof batch,
+    );
+    try {
+      const ordered = call("POST", "/api/orders", { token: user.token, body: { items: [{ productId: product.id, quantity: 1 }] } });
+      await expect.poll(() => stub.snapshot(product.id), { interval: 5 }).toMatchObject({ reserved: 1 });
+      const resynced = stub.resync(product.id);
+      await expect.poll(() => reloadRead, { interval: 5 }).toBe(true);
+      writeHeld.open();
+      expect((await ordered).status).toBe(200);
+      reloadHeld.open();
+      await resynced;
+    } finally {
+      restore();
+      writeHeld.open();
+      reloadHeld.open();
+    }
+    expect(await soldUnits(product.id)).toEqual({ stock: 4, units: 1 });
+    await expect.poll(() => stub.snapshot(product.id)).toEqual({ stock: 4, reserved: 0, available: 4 });
+  });
+});
