@@ -2,7 +2,7 @@ import { describeError, log } from "../lib/log";
 import { exponentialBackoff } from "../lib/backoff";
 import { systemClock, type Clock } from "../lib/clock";
 import { requestIdOf, withRequestId } from "../lib/request-context";
-import { eventOf, orderIdOf, type OrderEvent } from "../orders/outbox";
+import { eventOf, orderIdOf, retryLater, type OrderEvent } from "../orders/outbox";
 import { exportSchemaOf, idempotencyKeyOf } from "./event";
 import { deliverySigner, type DeliverySigner } from "./signature";
 
@@ -65,17 +65,7 @@ export async function deliverExports(batch: MessageBatch, deps: ExportDeps): Pro
     try {
       await withRequestId(requestIdOf(message.body), () => deliverMessage(message, deps, delivery));
     } catch (error) {
-      const delaySeconds = backoffSeconds(message.attempts);
-      log("warn", "export: D1 failed; will retry", {
-        requestId: requestIdOf(message.body),
-        messageId: message.id,
-        orderId: orderIdOf(message),
-        event: eventOf(message),
-        attempts: message.attempts,
-        delaySeconds,
-        ...describeError(error),
-      });
-      message.retry({ delaySeconds });
+      retryLater(message, "export", backoffSeconds(message.attempts), error);
     }
   }
 }

@@ -1,6 +1,6 @@
 import { exponentialBackoff } from "../lib/backoff";
-import { log } from "../lib/log";
-import { currentRequestId } from "../lib/request-context";
+import { describeError, log } from "../lib/log";
+import { currentRequestId, requestIdOf } from "../lib/request-context";
 
 // The transactional outbox. Rows are written in the order's own batch; this moves them to the queues.
 // A row is marked dispatched only after its queue accepted it, so a failed send() is simply retried by
@@ -187,4 +187,21 @@ export function eventOf(message: Message): OrderEvent | null {
   if (body.event !== undefined) return body.event === "PLACED" || body.event === "CANCELLED" ? body.event : null;
   if (body.status === undefined || body.status === "COMPLETED") return "PLACED";
   return body.status === "CANCELLED" ? "CANCELLED" : null;
+}
+
+/**
+ * A message whose handling failed on our side (D1): retried after `delaySeconds` (the consumer's own
+ * backoff, never the queue's few immediate retries), with a line saying which order and why.
+ */
+export function retryLater(message: Message, consumer: string, delaySeconds: number, error: unknown): void {
+  log("warn", `${consumer}: D1 failed; will retry`, {
+    requestId: requestIdOf(message.body),
+    messageId: message.id,
+    orderId: orderIdOf(message),
+    event: eventOf(message),
+    attempts: message.attempts,
+    delaySeconds,
+    ...describeError(error),
+  });
+  message.retry({ delaySeconds });
 }

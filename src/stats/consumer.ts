@@ -3,7 +3,7 @@ import { exponentialBackoff } from "../lib/backoff";
 import { systemClock, type Clock } from "../lib/clock";
 import { describeError, log } from "../lib/log";
 import { requestIdOf, withRequestId } from "../lib/request-context";
-import { eventOf, orderIdOf } from "../orders/outbox";
+import { eventOf, orderIdOf, retryLater } from "../orders/outbox";
 import { StatsEventSchema } from "./event";
 import { closeStatsOutbox, countOrderEvent } from "./sales";
 
@@ -37,16 +37,7 @@ async function settleMessage(message: Message, d1: D1Database, clock: Clock): Pr
     await countMessage(message, d1, clock);
     message.ack();
   } catch (error) {
-    const delaySeconds = retryDelaySeconds(message.attempts);
-    log("warn", "stats: D1 failed; will retry", {
-      messageId: message.id,
-      orderId: orderIdOf(message),
-      event: eventOf(message),
-      attempts: message.attempts,
-      delaySeconds,
-      ...describeError(error),
-    });
-    message.retry({ delaySeconds });
+    retryLater(message, "stats", retryDelaySeconds(message.attempts), error);
   }
 }
 
