@@ -7,7 +7,7 @@
 // `wrangler dev --no-bundle` and a copy of wrangler.toml and .dev.vars taken at the same moment (wrangler dev
 // also reloads when its config changes): the code under test is frozen for the whole run.
 import { spawn, spawnSync } from "node:child_process";
-import { copyFileSync, cpSync, createWriteStream, existsSync, mkdirSync, readFileSync, rmSync } from "node:fs";
+import { copyFileSync, cpSync, createWriteStream, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:http";
 import { isAbsolute, join } from "node:path";
 import { driveCron, killDevServers, QUIET_ENV, startWranglerDev, stopGroup, waitForHealth } from "../scripts/local.mjs";
@@ -156,12 +156,17 @@ export function removeState(stateDir) {
 
 /** Runs SQL statements (separated by `;`) against the bench's local D1; returns one array of rows per statement. */
 export function queryD1(stateDir, sql) {
+  // Through a file: the checks' SQL (ids of thousands of users) outgrows one command-line argument (128 KiB).
+  const file = join(stateDir, "bench-query.sql");
+  writeFileSync(file, sql);
   const result = spawnSync(
     "npx",
-    ["wrangler", "d1", "execute", "DB", "--local", "--persist-to", stateDir, "--json", "--command", sql],
+    ["wrangler", "d1", "execute", "DB", "--local", "--persist-to", stateDir, "--json", "--file", file],
     { env: QUIET_ENV, encoding: "utf8", maxBuffer: 64 * 1024 * 1024 },
   );
-  if (result.status !== 0) throw new Error(`wrangler d1 execute failed (${result.status}): ${result.stderr || result.stdout}`);
+  if (result.status !== 0) {
+    throw new Error(`wrangler d1 execute failed (${result.status ?? result.error}): ${result.stderr || result.stdout}`);
+  }
   const start = result.stdout.indexOf("[");
   const parsed = JSON.parse(result.stdout.slice(start));
   return parsed.map((statement) => statement.results);
