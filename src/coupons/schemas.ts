@@ -87,27 +87,6 @@ export const CouponSchema = z
   })
   .openapi("Coupon");
 
-export const CouponShardsSchema = z
-  .object({
-    couponId: z.number().int(),
-    shards: z.number().int(),
-    items: z.array(
-      z.object({
-        shard: z.number().int(),
-        quota: z.number().int().nullable().openapi({ description: "Pieces it may hold; null before its first request" }),
-        issued: z.number().int().openapi({ description: "Issued and still being committed, here" }),
-        pending: z.number().int(),
-        transfersGiven: z.number().int(),
-        piecesGiven: z.number().int(),
-        openIntents: z.number().int().openapi({ description: "Transfers to it not yet settled" }),
-        requests: z.number().int().openapi({ description: "Issue requests it received since it last started" }),
-      }),
-    ),
-  })
-  .openapi("CouponShards");
-
-export type CouponShards = z.infer<typeof CouponShardsSchema>;
-
 export type Coupon = z.infer<typeof CouponSchema>;
 
 export const UserCouponSchema = z
