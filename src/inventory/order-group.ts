@@ -109,7 +109,8 @@ export class OrderGroup {
     }
   }
 
-  private async run(group: Waiting[]): Promise<void> {
+  private async run(waiting: Waiting[]): Promise<void> {
+    const group = oncePerKey(waiting);
     let inputs: GroupInputs;
     try {
       inputs = await readGroupInputs(this.db, this.productId, group.map((w) => w.order));
@@ -183,7 +184,9 @@ export class OrderGroup {
   }
 
   private refuse(w: Waiting, error: unknown): void {
-    this.hooks.released(w.order.orderKey);
+    // A run that took over another may share its reservation, and that run may still commit: D1 decides.
+    if (w.order.claim?.fresh === false) this.hooks.unknown(w.order.orderKey);
+    else this.hooks.released(w.order.orderKey);
     if (error instanceof AppError) {
       w.answer({ ok: false, code: error.code, detail: error.message });
       return;
@@ -207,6 +210,28 @@ export class OrderGroup {
       outcomeUnknown: true,
     });
   }
+}
+
+/**
+ * Runs of one keyed request (a retry that took over a slow first run) in the same group are one order:
+ * the first is placed and priced, and every run hears its outcome. Priced apart, the second would count
+ * the same payment twice against one balance and could be refused for an order that is placed.
+ */
+function oncePerKey(waiting: Waiting[]): Waiting[] {
+  const first = new Map<string, Waiting>();
+  for (const w of waiting) {
+    const earlier = first.get(w.order.orderKey);
+    if (!earlier) {
+      first.set(w.order.orderKey, { ...w });
+      continue;
+    }
+    const answerEarlier = earlier.answer;
+    earlier.answer = (outcome) => {
+      answerEarlier(outcome);
+      w.answer(outcome.ok ? { ...outcome, stored: false } : outcome);
+    };
+  }
+  return [...first.values()];
 }
 
 interface GroupInputs {

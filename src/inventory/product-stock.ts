@@ -83,6 +83,8 @@ export class ProductStock extends DurableObject<Env> {
   /** The alarm this life asked storage for; `set` settles once storage has it. Null when none is known. */
   private alarmSet: { at: number; set: Promise<void> } | null = null;
   private alarmFailures = 0;
+  /** How many times this life took D1's numbers (first load and re-syncs). */
+  private loads = 0;
   private orders: OrderGroup | null = null;
 
   constructor(ctx: DurableObjectState, env: Env) {
@@ -205,6 +207,9 @@ export class ProductStock extends DurableObject<Env> {
     const tighter = limit !== undefined && limit !== null && (previousLimit === null || limit < previousLimit);
     if (tighter) this.maxPerUser = limit;
     if (delta < 0) this.stock += delta;
+    // A re-read during the write replaces `stock` with a snapshot that may or may not hold this change:
+    // then the arithmetic below would count it twice or not at all, so D1 is read again instead.
+    const loads = this.loads;
     try {
       const row = await this.env.DB.prepare(
         `UPDATE products SET stock = stock + ?1, name = coalesce(?2, name), price = coalesce(?3, price), updated_at = ?4,
@@ -214,16 +219,21 @@ export class ProductStock extends DurableObject<Env> {
         .bind(delta, patch.name ?? null, patch.price ?? null, patch.updatedAt, productId, limit !== undefined ? 1 : 0, limit ?? null)
         .first<ProductRecord>();
       if (!row) throw new Error(`product ${productId} vanished from D1`);
-      if (delta > 0) this.stock += delta;
-      if (limit !== undefined) this.maxPerUser = limit;
+      if (this.loads !== loads) await this.resync(productId);
+      else {
+        if (delta > 0) this.stock += delta;
+        if (limit !== undefined) this.maxPerUser = limit;
+      }
       return { ok: true, product: row };
     } catch (error) {
-      if (delta < 0) this.stock -= delta;
-      this.maxPerUser = previousLimit;
-      if (error instanceof Error && error.message.includes("products_stock_non_negative")) {
-        await this.resync(productId);
-        return { ok: false, reason: "OUT_OF_STOCK" };
+      const reread = this.loads !== loads;
+      if (!reread) {
+        if (delta < 0) this.stock -= delta;
+        this.maxPerUser = previousLimit;
       }
+      const refused = error instanceof Error && error.message.includes("products_stock_non_negative");
+      if (reread || refused) await this.resync(productId);
+      if (refused) return { ok: false, reason: "OUT_OF_STOCK" };
       throw error;
     }
   }
@@ -326,7 +336,7 @@ export class ProductStock extends DurableObject<Env> {
   private held(userId: number): number {
     return this.sql
       .exec<{ n: number }>(
-        `SELECT coalesce((SELECT quantity FROM purchases WHERE user_id = ?1), 0)
+        `SELECT max(0, coalesce((SELECT quantity FROM purchases WHERE user_id = ?1), 0))
               + coalesce((SELECT sum(quantity) FROM reservations WHERE user_id = ?1 AND kind = 'SALE'), 0) AS n`,
         userId,
       )
@@ -372,7 +382,12 @@ export class ProductStock extends DurableObject<Env> {
       return;
     }
     const entry = this.entry(key);
-    if (this.drop(key) === null || !committed || !entry) return;
+    if (this.drop(key) === null || !committed || !entry) {
+      // Committed in D1 but no longer held here nor counted: the alarm gave it up as never committed before
+      // a slow write landed. This object's numbers are off from D1's: take D1's again.
+      if (committed && !entry && !this.isSettled(key) && this.productId !== null) void this.resync(this.productId);
+      return;
+    }
     if (!this.isSettled(key)) {
       this.stock += entry.kind === "SALE" ? -entry.quantity : entry.quantity;
       this.countPurchase(entry);
@@ -383,9 +398,11 @@ export class ProductStock extends DurableObject<Env> {
   private countPurchase(entry: Entry): void {
     if (entry.user_id === null) return;
     const delta = entry.kind === "SALE" ? entry.quantity : -entry.quantity;
+    // Signed, clamped only when read: a cancellation may settle before its own sale does (a lost commit
+    // settled later by the alarm), and the two must still cancel out.
     this.sql.exec(
-      `INSERT INTO purchases (user_id, quantity) VALUES (?1, max(0, ?2))
-       ON CONFLICT (user_id) DO UPDATE SET quantity = max(0, quantity + ?2)`,
+      `INSERT INTO purchases (user_id, quantity) VALUES (?1, ?2)
+       ON CONFLICT (user_id) DO UPDATE SET quantity = quantity + ?2`,
       entry.user_id,
       delta,
     );
@@ -453,6 +470,7 @@ export class ProductStock extends DurableObject<Env> {
     }
     this.stock = snapshot.stock;
     this.maxPerUser = snapshot.maxPerUser;
+    this.loads += 1;
     this.reserved = this.sql
       .exec<{ total: number }>("SELECT coalesce(sum(quantity), 0) AS total FROM reservations WHERE kind = 'SALE'")
       .one().total;

@@ -288,9 +288,16 @@ async function runClaimed(
 }
 
 // Best effort: if D1 is down the claim simply expires at `locked_until`; the original failure matters more.
+// A claim that took over a crashed or slow run is not deleted but unlocked: that earlier run may still
+// commit the same effect, and the client's retry must continue this key's life (same effectRef, so it
+// finds that effect) rather than start a new one that would apply it a second time.
 async function release(db: Db, claim: Claim): Promise<void> {
   try {
-    await db.delete(idempotencyKeys).where(owned(claim));
+    if (claim.fresh === false) {
+      await db.update(idempotencyKeys).set({ lockedUntil: new Date(0).toISOString() }).where(owned(claim));
+    } else {
+      await db.delete(idempotencyKeys).where(owned(claim));
+    }
   } catch (error) {
     log("warn", "could not release an idempotency claim", { scope: claim.scope, ...describeError(error) });
   }

@@ -25,6 +25,7 @@ import {
   type ProductPrice,
   type WrittenOrder,
 } from "./order-ledger";
+import { orderJsonSql } from "./queries";
 import { dispatchOutbox, type OrderQueues } from "./outbox";
 
 export interface PlaceOrderDeps {
@@ -84,7 +85,7 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
   try {
     written = await payAndWrite(deps, orderKey, userId, input);
   } catch (error) {
-    return settleFailedWrite(env, orderKey, lines, error);
+    return settleFailedWrite(env, orderKey, lines, error, deps.claim);
   }
   if (deps.claim) deps.claim.storedWithEffect = true;
   deps.defer(
@@ -105,7 +106,10 @@ export function knownSoldOut(input: PlaceOrder): AppError | null {
 /** Steps 2 and 3: the checks that need D1, then the order's one batch. */
 async function payAndWrite(deps: PlaceOrderDeps, orderKey: string, userId: number, input: PlaceOrder) {
   const now = deps.clock.now();
-  const { products, balance, coupon } = await readOrderInputs(deps.env.DB, userId, input).catch(unavailable);
+  const { products, balance, coupon, placed } = await readOrderInputs(deps.env.DB, userId, input, orderKey).catch(unavailable);
+  // Another run of this keyed request committed since the lookup before the reservation: read in the same
+  // snapshot as the balance and the coupon, so its payment can never be mistaken for a lack of money.
+  if (placed !== null) throw new AlreadyPlaced(placed);
   const order = { ...priceOrder(userId, input.items, products, coupon, balance, now), requestId: currentRequestId() };
   try {
     return { ...(await writeOrder(deps.env.DB, orderKey, order, deps.claim)), createdAt: order.createdAt };
@@ -115,10 +119,16 @@ async function payAndWrite(deps: PlaceOrderDeps, orderKey: string, userId: numbe
 }
 
 /** The order's batch threw; what it means decides what happens to the reservations. */
-async function settleFailedWrite(env: Env, orderKey: string, lines: StockLine[], error: unknown): Promise<string> {
+async function settleFailedWrite(env: Env, orderKey: string, lines: StockLine[], error: unknown, claim: Claim | null): Promise<string> {
+  if (error instanceof AlreadyPlaced) {
+    await commitStock(env, orderKey, lines);
+    return error.body;
+  }
   if (!(error instanceof WriteFailed)) {
-    // Refused (or D1 unreadable) before anything was written: the reservations go back now.
-    await releaseStock(env, orderKey, lines);
+    // Refused (or D1 unreadable) before anything was written: the reservations go back now. Unless this run
+    // took over another one, which may share them and still commit: then D1 decides, within seconds.
+    if (claim && claim.fresh === false) await settleStockSoon(env, orderKey, lines);
+    else await releaseStock(env, orderKey, lines);
     throw error;
   }
   const cause = error.cause;
@@ -148,6 +158,13 @@ async function settleFailedWrite(env: Env, orderKey: string, lines: StockLine[],
   });
 }
 
+/** The order was found placed by another run of the same keyed request. */
+class AlreadyPlaced extends Error {
+  constructor(readonly body: string) {
+    super("the order was already placed");
+  }
+}
+
 /** Marks a failure of the order's own batch, as opposed to anything refused before it. */
 class WriteFailed extends Error {
   constructor(cause: unknown) {
@@ -162,13 +179,15 @@ function unavailable(error: unknown): never {
   throw new AppError("SERVICE_UNAVAILABLE", "The order could not be placed right now; retry shortly");
 }
 
-async function readOrderInputs(db: D1Database, userId: number, input: PlaceOrder) {
+async function readOrderInputs(db: D1Database, userId: number, input: PlaceOrder, orderKey: string) {
   const ids = JSON.stringify(input.items.map((i) => i.productId));
-  const [productRows, userRows, couponRows] = await db.batch<Record<string, unknown>>([
+  const [productRows, userRows, couponRows, placedRows] = await db.batch<Record<string, unknown>>([
     db.prepare("SELECT id, name, price FROM products WHERE id IN (SELECT value FROM json_each(?))").bind(ids),
     db.prepare("SELECT balance FROM users WHERE id = ?").bind(userId),
     db.prepare(`${COUPON_FOR_ORDER_SQL} WHERE uc.id = ?`).bind(input.userCouponId ?? 0),
+    db.prepare(`SELECT ${orderJsonSql("o")} AS body FROM orders o WHERE o.order_key = ?`).bind(orderKey),
   ]);
+  const placed = (placedRows!.results[0]?.body as string | undefined) ?? null;
   const user = userRows!.results[0] as { balance: number } | undefined;
   if (!user) throw new AppError("USER_NOT_FOUND", `User ${userId} does not exist`);
   const products = new Map((productRows!.results as unknown as ProductPrice[]).map((p) => [p.id, p]));
@@ -177,5 +196,5 @@ async function readOrderInputs(db: D1Database, userId: number, input: PlaceOrder
     coupon = (couponRows!.results[0] as unknown as CouponForOrder | undefined) ?? null;
     if (!coupon) throw new AppError("COUPON_NOT_USABLE", `User coupon ${input.userCouponId} does not exist`);
   }
-  return { products, balance: user.balance, coupon };
+  return { products, balance: user.balance, coupon, placed };
 }

@@ -164,8 +164,8 @@ describe("an order batch whose reply is lost", () => {
       prepare: (query: string) => env.DB.prepare(query),
       batch: async (statements: D1PreparedStatement[]) => {
         const results = await env.DB.batch(statements);
-        // The first batch is the order's reads; the second is its write, whose reply is lost.
-        if (statements.length > 3) throw new Error("Network connection lost.");
+        // The first batch is the order's reads (4 statements); the second is its write, whose reply is lost.
+        if (statements.length > 4) throw new Error("Network connection lost.");
         return results;
       },
     } as unknown as D1Database;

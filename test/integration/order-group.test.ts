@@ -3,7 +3,7 @@ import { describe, expect, it } from "vitest";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
 import { makeProduct, makeUser } from "../helpers/factories";
-import { inject } from "../helpers/faults";
+import { gate, inject } from "../helpers/faults";
 import { requestFingerprint } from "../../src/lib/idempotency";
 
 // One product's orders are written by its stock object in group commits: many orders per D1 batch,
@@ -190,5 +190,47 @@ describe("a sold-out product", () => {
     expect(again.text).toBe(refused.text);
     expect(again.headers.get("Idempotent-Replayed")).toBe("true");
     expect(await all("SELECT id FROM orders WHERE user_id = ?", second!.id)).toHaveLength(0);
+  });
+});
+
+describe("runs of one keyed request", () => {
+  it("two runs in one group are one order: both hear it, the balance pays once", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 10 });
+    const stub = stockObject(product.id);
+    await stub.snapshot(product.id);
+    const [filler] = await buyers(1);
+    const user = await makeUser();
+    await fund(user.id, 1_000);
+    const held = gate();
+    let stalled = false;
+    const restore = inject(env.DB, "batch", (batch) =>
+      (async (statements: D1PreparedStatement[]) => {
+        if (!stalled && statements.length > 4) {
+          stalled = true;
+          await held.opened;
+        }
+        return batch(statements);
+      }) as typeof batch,
+    );
+    try {
+      // A filler's group is being written while both runs of the keyed request arrive: they share the next group.
+      const first = orderOne(filler!.token, product.id);
+      await expect.poll(() => stalled, { interval: 5 }).toBe(true);
+      const claim = { scope: `user:${user.id}`, key: "two-runs", requestHash: "h", lockedUntil: "x", effectRef: "two-runs-effect", fresh: false };
+      const order = { orderKey: "idem:two-runs-effect", userId: user.id, quantity: 1, userCouponId: null, now: new Date().toISOString(), claim };
+      const runs = Promise.all([stub.placeOrder(product.id, order), stub.placeOrder(product.id, order)]);
+      held.open();
+      expect((await first).status).toBe(200);
+      const [a, b] = await runs;
+      expect(a.outcome).toMatchObject({ ok: true });
+      expect(b.outcome).toMatchObject({ ok: true });
+      expect((a.outcome as { body: string }).body).toBe((b.outcome as { body: string }).body);
+    } finally {
+      restore();
+      held.open();
+    }
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", user.id)).toHaveLength(1);
+    expect(await walletInvariant(user.id)).toEqual({ balance: 0, ledger: 0, newest: 0 });
+    await expect.poll(() => stub.snapshot(product.id)).toEqual({ stock: 8, reserved: 0, available: 8 });
   });
 });

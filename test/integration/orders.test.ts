@@ -7,6 +7,7 @@ import { placeOrder } from "../../src/orders/place-order";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
 import { makeProduct, makeUser } from "../helpers/factories";
+import { inject } from "../helpers/faults";
 
 async function buyer(balance: number) {
   const user = await makeUser();
@@ -355,6 +356,40 @@ describe("POST /api/orders: runs of one idempotent request that overlap", () => 
     expect(retry.status).toBe(200);
     expect(retry.text).toBe(committed);
     expect(retry.headers.get("Idempotent-Replayed")).toBe("true");
+    expect((await one<{ n: number }>("SELECT count(*) AS n FROM orders WHERE user_id = ?", user.id)).n).toBe(1);
+    expect(await walletInvariant(user.id)).toEqual({ balance: 49_000, ledger: 49_000, newest: 49_000 });
+  });
+
+  it("a retry that took over and failed with a 503 keeps the key's life: the slow first run's order is replayed, not placed again", async () => {
+    const user = await buyer(50_000);
+    const product = await makeProduct({ price: 1_000, stock: 10 });
+    const body = JSON.stringify({ items: [{ productId: product.id, quantity: 1 }] });
+    const claim = await staleClaim(user.id, body);
+    const headers = { "Idempotency-Key": claim.key };
+    // The retry takes the claim over and meets an overloaded stock object: a plain 503.
+    const overloaded = inject(env.PRODUCT_STOCK, "get", () => () => {
+      throw Object.assign(new Error("Durable Object is overloaded (injected)"), { overloaded: true });
+    });
+    let failed;
+    try {
+      failed = await call("POST", "/api/orders", { token: user.token, body, headers });
+    } finally {
+      overloaded();
+    }
+    expect(failed.status).toBe(503);
+    // The key keeps its life (same created_at, so the same effect), unlocked for the next retry.
+    const row = await one<{ state: string; created_at: string }>(
+      "SELECT state, created_at FROM idempotency_keys WHERE scope = ? AND key = ?",
+      claim.scope,
+      claim.key,
+    );
+    expect(row.state).toBe("IN_PROGRESS");
+    // Meanwhile the slow first run commits its order.
+    const committed = await placeOrder({ env, clock: systemClock, queues: noQueues, defer: () => {}, claim }, user.id, JSON.parse(body));
+    // The client's next retry continues that life and finds that order: one order, one payment.
+    const retry = await call("POST", "/api/orders", { token: user.token, body, headers });
+    expect(retry.status).toBe(200);
+    expect(retry.text).toBe(committed);
     expect((await one<{ n: number }>("SELECT count(*) AS n FROM orders WHERE user_id = ?", user.id)).n).toBe(1);
     expect(await walletInvariant(user.id)).toEqual({ balance: 49_000, ledger: 49_000, newest: 49_000 });
   });
