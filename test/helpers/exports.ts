@@ -1,6 +1,6 @@
 import { createExecutionContext, createMessageBatch, getQueueResult } from "cloudflare:test";
 import { env } from "cloudflare:workers";
-import { vi } from "vitest";
+import { expect, vi } from "vitest";
 import { deliverExports, type ExportDeps } from "../../src/export/consumer";
 import type { OrderExportEvent } from "../../src/export/event";
 import { fixedClock } from "../../src/lib/clock";
@@ -115,4 +115,24 @@ export function recordingQueues(failing: ("stats" | "export")[] = []) {
       },
     }) as unknown as Queue;
   return { sent, queues: { stats: queue("stats"), export: queue("export") } satisfies OrderQueues };
+}
+
+/**
+ * A consumer missing a setting it needs (the platform's URL, the signing secret): the message backs off,
+ * nothing is POSTed, and the export's last_error and an error line say why.
+ */
+export async function expectNoDelivery(misconfigured: Partial<ExportDeps>, reason: string): Promise<void> {
+  const { exportId: _, ...event } = await seededOrder();
+  const errors = vi.spyOn(console, "error");
+  try {
+    const { posted, deps } = platform(200);
+    const result = await deliver(event, { ...deps, ...misconfigured }, 2);
+    expect(result.retryMessages).toHaveLength(1);
+    expect(result.delays).toEqual([20]);
+    expect(posted).toEqual([]);
+    expect(await exportRow(event.orderId)).toMatchObject({ status: "PENDING", attempts: 1, last_error: reason });
+    expect(errors.mock.calls.some(([line]) => String(line).includes(reason))).toBe(true);
+  } finally {
+    errors.mockRestore();
+  }
 }

@@ -6,7 +6,17 @@ import type { ExportDeps } from "../../src/export/consumer";
 import { recordDeadExports } from "../../src/export/dead-letter";
 import { relayOutbox } from "../../src/orders/outbox";
 import { adminToken, call } from "../helpers/api";
-import { clock, deliver, deliverMany, exportRow, outboxRow, platform, recordingQueues, seededOrder } from "../helpers/exports";
+import {
+  clock,
+  deliver,
+  deliverMany,
+  expectNoDelivery,
+  exportRow,
+  outboxRow,
+  platform,
+  recordingQueues,
+  seededOrder,
+} from "../helpers/exports";
 import { unreliableD1 } from "../helpers/unreliable-d1";
 
 // The export consumer and its dead letter under failure: D1 refusing, bodies that can never be delivered,
@@ -167,17 +177,7 @@ describe("export consumer without a usable DATA_PLATFORM_URL", () => {
     ["127.0.0.1:8788/orders", "DATA_PLATFORM_URL is not an http(s) URL"],
     ["ftp://platform.test/orders", "DATA_PLATFORM_URL is not an http(s) URL"],
   ])("url %j: POSTs nothing, backs off, and the export's last_error says why", async (url, reason) => {
-    const { exportId: _, ...event } = await seededOrder();
-    const errors = vi.spyOn(console, "error");
-    const { posted, deps } = platform(200);
-
-    const result = await deliver(event, { ...deps, url }, 2);
-    expect(result.retryMessages).toHaveLength(1);
-    expect(result.delays).toEqual([20]);
-    expect(posted).toEqual([]);
-    expect(await exportRow(event.orderId)).toMatchObject({ status: "PENDING", attempts: 1, last_error: reason });
-    expect(errors.mock.calls.some(([line]) => String(line).includes(reason))).toBe(true);
-    errors.mockRestore();
+    await expectNoDelivery({ url }, reason);
   });
 
   it("through the Worker's queue handler, and it ends FAILED with the reason via the dead letter", async () => {

@@ -8,7 +8,7 @@ import { recordDeadExports } from "../../src/export/dead-letter";
 import { fixedClock } from "../../src/lib/clock";
 import { adminToken, call } from "../helpers/api";
 import { cancelInD1, placeHeldOrder } from "../helpers/cancellations";
-import { deliver, exportRow, platform, seededOrder } from "../helpers/exports";
+import { deliver, expectNoDelivery, exportRow, platform, seededOrder } from "../helpers/exports";
 
 // Every delivery to the data platform is signed (Standard Webhooks), and the consumer refuses to deliver
 // unsigned: a missing or malformed EXPORT_SIGNING_SECRET is a misconfiguration it reports like a missing URL.
@@ -102,17 +102,7 @@ describe("export consumer without a usable EXPORT_SIGNING_SECRET", () => {
     [undefined, "EXPORT_SIGNING_SECRET is not set"],
     ["whsec_change-me", "EXPORT_SIGNING_SECRET is malformed: expected whsec_ and the base64 of 24 to 64 bytes"],
   ])("secret %j: POSTs nothing, backs off, and the export's last_error says why", async (signingSecret, reason) => {
-    const { exportId: _, ...event } = await seededOrder();
-    const errors = vi.spyOn(console, "error");
-    const { posted, deps } = platform(200);
-
-    const result = await deliver(event, { ...deps, signingSecret }, 2);
-    expect(result.retryMessages).toHaveLength(1);
-    expect(result.delays).toEqual([20]);
-    expect(posted).toEqual([]);
-    expect(await exportRow(event.orderId)).toMatchObject({ status: "PENDING", attempts: 1, last_error: reason });
-    expect(errors.mock.calls.some(([line]) => String(line).includes(reason))).toBe(true);
-    errors.mockRestore();
+    await expectNoDelivery({ signingSecret }, reason);
   });
 
   it("through the Worker's queue handler, and it ends FAILED with the reason via the dead letter", async () => {
