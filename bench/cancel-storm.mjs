@@ -1,7 +1,7 @@
 // The cancel storm: completed orders are cancelled by their own users while other funded buyers race for
 // the same product, whose stock is what was left plus what the cancellations give back. The product has a
 // purchase limit per user, and some buyers try to order more than it.
-import { runLoad } from "./load.mjs";
+import { oneEach, runLoad } from "./load.mjs";
 import { balancesCheck, d1Check, invariant, ledgerCheck } from "./invariants.mjs";
 import { mapLimit } from "./seed.mjs";
 
@@ -196,17 +196,13 @@ export const cancelStorm = {
     });
     const jobs = shuffle(units, mulberry32(20261125)).flat();
     const duplicates = jobs.length - cancelCount - orderRequests;
-    let next = 0;
     let overflow = 0;
     const resyncsBefore = ctx.logCount(/stock object re-synced/g);
     const load = await runLoad({
       baseUrl: ctx.baseUrl,
       concurrency: ctx.concurrency,
       amount: jobs.length,
-      nextJob: () => {
-        if (next >= jobs.length) overflow++;
-        return jobs[next++ % jobs.length];
-      },
+      nextJob: oneEach(jobs, () => overflow++),
       expected: [...new Set([...CANCEL_ANSWERS, ...ORDER_ANSWERS])],
     });
 

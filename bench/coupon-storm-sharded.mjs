@@ -1,7 +1,7 @@
 // The coupon storm over a sharded coupon (docs/sharded-coupons.md): the same users and pieces as
 // coupon-storm, one coupon of 16 gate objects. Exact as the single gate, plus how the requests spread
 // over the shards and how many quota transfers it took.
-import { runLoad } from "./load.mjs";
+import { oneEach, runLoad } from "./load.mjs";
 import { couponCheck, invariant } from "./invariants.mjs";
 
 const SHARDS = 16;
@@ -38,7 +38,6 @@ export const couponStormSharded = {
       shards: SHARDS,
     });
     const winners = [];
-    let next = 0;
     let overflow = 0;
     const jobs = users.map((user) => ({
       method: "POST",
@@ -53,10 +52,7 @@ export const couponStormSharded = {
       baseUrl: ctx.baseUrl,
       concurrency: ctx.concurrency,
       amount: jobs.length,
-      nextJob: () => {
-        if (next >= jobs.length) overflow++;
-        return jobs[next++ % jobs.length];
-      },
+      nextJob: oneEach(jobs, () => overflow++),
       expected: ["200", "400 COUPON_SOLD_OUT"],
     });
 

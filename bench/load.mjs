@@ -5,6 +5,15 @@ import autocannon from "autocannon";
 
 const REQUEST_TIMEOUT_S = 30;
 
+/** Hands out each job once, in order; a second use would mean autocannon sent more than `amount`. */
+export function oneEach(jobs, onOverflow) {
+  let next = 0;
+  return () => {
+    if (next >= jobs.length) onOverflow();
+    return jobs[next++ % jobs.length];
+  };
+}
+
 function outcomeOf(status, body) {
   if (status < 300) return String(status);
   try {

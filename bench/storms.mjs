@@ -1,15 +1,6 @@
 // The two first-come-first-served storms: many users racing for a coupon, many buyers racing for stock.
-import { runLoad } from "./load.mjs";
+import { oneEach, runLoad } from "./load.mjs";
 import { balancesCheck, couponCheck, invariant, ledgerCheck, paymentsCheck, stockCheck } from "./invariants.mjs";
-
-/** Hands out each job once, in order; a second use would mean autocannon sent more than `amount`. */
-function oneEach(jobs, onOverflow) {
-  let next = 0;
-  return () => {
-    if (next >= jobs.length) onOverflow();
-    return jobs[next++ % jobs.length];
-  };
-}
 
 function answersInvariant(load, expectedOutcomes, total) {
   const got = Object.entries(load.outcomes)

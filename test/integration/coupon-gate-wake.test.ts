@@ -6,6 +6,7 @@ import { env } from "cloudflare:workers";
 import { describe, expect, it, vi } from "vitest";
 import { STORAGE_VERSION } from "../../src/coupons/coupon-gate";
 import {
+  bulkUsers,
   codes,
   countRowsRead,
   gateHolds,
@@ -29,21 +30,10 @@ const WAKE_ROWS_BOUND = 1_000;
  * gate's storage as it persists them. Returns the holders' id range.
  */
 async function seedHolders(couponId: number, n: number): Promise<[number, number]> {
-  const prefix = `holder-${crypto.randomUUID()}-`;
   const now = new Date().toISOString();
-  await env.DB.prepare(
-    `WITH RECURSIVE seq(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM seq WHERE x < ?)
-     INSERT INTO users (name, balance, created_at, updated_at) SELECT ? || x, 0, ?, ? FROM seq`,
-  )
-    .bind(n, prefix, now, now)
-    .run();
-  const range = await env.DB.prepare(
-    "SELECT min(id) AS lo, max(id) AS hi, count(*) AS n FROM users WHERE substr(name, 1, ?) = ?",
-  )
-    .bind(prefix.length, prefix)
-    .first<{ lo: number; hi: number; n: number }>();
-  const { lo, hi } = range!;
-  expect([range!.n, hi - lo + 1]).toEqual([n, n]);
+  const ids = await bulkUsers(n);
+  const [lo, hi] = [ids[0]!, ids.at(-1)!];
+  expect([ids.length, hi - lo + 1]).toEqual([n, n]);
   await env.DB.batch([
     env.DB.prepare(
       `INSERT INTO user_coupons (coupon_id, user_id, status, issued_at, expires_at)
