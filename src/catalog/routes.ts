@@ -66,7 +66,7 @@ export const catalogRoutes = createRouter()
       responses: { 200: jsonResponse(ProductSchema, "The product"), ...problems(400, 404) },
     }),
     async (c) => {
-      const product = await getProduct(c.get("db"), c.req.valid("param").productId);
+      const product = await getProduct(c.env.DB, c.req.valid("param").productId);
       c.header("Cache-Control", "no-store");
       return c.json(product, 200);
     },

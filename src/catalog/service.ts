@@ -36,8 +36,15 @@ export const toProductDto = (p: ProductRow): ProductDto => ({
   updatedAt: p.updatedAt,
 });
 
-export async function getProduct(db: Db, productId: number): Promise<ProductDto> {
-  const row = await db.query.products.findFirst({ where: eq(products.id, productId) });
+/** One product, read from D1 on every call (the detail is never stale on stock). Plain SQL: a hot read. */
+export async function getProduct(d1: D1Database, productId: number): Promise<ProductDto> {
+  const row = await d1
+    .prepare(
+      `SELECT id, name, price, stock, max_per_user AS maxPerUser, created_at AS createdAt, updated_at AS updatedAt
+       FROM products WHERE id = ?`,
+    )
+    .bind(productId)
+    .first<ProductRow>();
   if (!row) throw new AppError("PRODUCT_NOT_FOUND", `Product ${productId} does not exist`);
   return toProductDto(row);
 }

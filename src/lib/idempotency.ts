@@ -1,4 +1,4 @@
-import { and, eq, lte, or, sql, type SQL } from "drizzle-orm";
+import { and, eq, lte, sql, type SQL } from "drizzle-orm";
 import type { Context } from "hono";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { createDb } from "../db/client";
@@ -88,13 +88,13 @@ export async function idempotent<R extends Response>(
 
   const early = options.refuseEarly?.();
   if (early) {
-    const refused = await storeEarlyRefusal(c, db, request, now, early);
+    const refused = await storeEarlyRefusal(c, request, now, early);
     if (refused) return refused as R;
   }
 
   // A claim released by a failing owner between our two reads is simply claimed again.
   for (let attempt = 0; attempt < 3; attempt++) {
-    const claim = await tryClaim(db, request, now);
+    const claim = await tryClaim(c.env.DB, request, now);
     if (claim) return (await runClaimed(c, db, claim, handler)) as R;
     const existing = await readKey(db, request);
     if (existing) return answerExisting(c, existing, request) as R;
@@ -107,22 +107,25 @@ export async function idempotent<R extends Response>(
  * (no claim, then no second write to complete it). A key already in use, or expired, takes the usual
  * path (replay, 409, 422, or a new life); null then.
  */
-async function storeEarlyRefusal(c: Context<AppEnv>, db: Db, request: ClaimRequest, now: Date, refusal: AppError): Promise<Response | null> {
+async function storeEarlyRefusal(c: Context<AppEnv>, request: ClaimRequest, now: Date, refusal: AppError): Promise<Response | null> {
   const response = problemResponse(c, refusal);
   const body = await response.text();
-  const stored = await db
-    .insert(idempotencyKeys)
-    .values({
-      ...request,
-      state: "DONE",
-      responseStatus: response.status,
-      responseBody: body,
-      createdAt: now.toISOString(),
-      expiresAt: new Date(now.getTime() + IDEMPOTENCY_TTL_MS).toISOString(),
-    })
-    .onConflictDoNothing()
-    .returning({ key: idempotencyKeys.key });
-  return stored.length > 0 ? new Response(body, { status: response.status, headers: response.headers }) : null;
+  const stored = await c.env.DB.prepare(
+    `INSERT INTO idempotency_keys (scope, key, request_hash, state, response_status, response_body, locked_until, created_at, expires_at)
+     VALUES (?, ?, ?, 'DONE', ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1 AS stored`,
+  )
+    .bind(
+      request.scope,
+      request.key,
+      request.requestHash,
+      response.status,
+      body,
+      request.lockedUntil,
+      now.toISOString(),
+      new Date(now.getTime() + IDEMPOTENCY_TTL_MS).toISOString(),
+    )
+    .first();
+  return stored !== null ? new Response(body, { status: response.status, headers: response.headers }) : null;
 }
 
 /** SHA-256 (hex) of what makes two requests "the same": method, path and the raw body. */
@@ -190,38 +193,33 @@ async function sha256Hex(text: string): Promise<string> {
 /**
  * One atomic statement: insert the claim, or take over a row that is dead, i.e. expired (any
  * fingerprint: the key is free again) or IN_PROGRESS past its lock with the same fingerprint (a crash).
+ * An expired key starts a new life (new created_at); a crashed claim's takeover continues the same one
+ * (same effect). Plain SQL, not a query builder: every keyed write runs it.
  */
-async function tryClaim(db: Db, claim: ClaimRequest, now: Date): Promise<Claim | null> {
+const CLAIM_SQL = `
+  INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at)
+  VALUES (?1, ?2, ?3, 'IN_PROGRESS', ?4, ?5, ?6)
+  ON CONFLICT (scope, key) DO UPDATE SET
+    request_hash = excluded.request_hash,
+    state = 'IN_PROGRESS',
+    response_status = NULL,
+    response_body = NULL,
+    locked_until = excluded.locked_until,
+    created_at = CASE WHEN idempotency_keys.expires_at <= ?5 THEN ?5 ELSE idempotency_keys.created_at END,
+    expires_at = CASE WHEN idempotency_keys.expires_at <= ?5 THEN ?6 ELSE idempotency_keys.expires_at END
+  WHERE idempotency_keys.expires_at <= ?5
+     OR (idempotency_keys.state = 'IN_PROGRESS' AND idempotency_keys.locked_until <= ?5 AND idempotency_keys.request_hash = ?3)
+  RETURNING created_at AS createdAt`;
+
+async function tryClaim(d1: D1Database, claim: ClaimRequest, now: Date): Promise<Claim | null> {
   const at = now.toISOString();
   const expiresAt = new Date(now.getTime() + IDEMPOTENCY_TTL_MS).toISOString();
-  // An expired key starts a new life; a crashed claim's takeover continues the same one (same effect).
-  const newLife = sql`${idempotencyKeys.expiresAt} <= ${at}`;
-  const claimed = await db
-    .insert(idempotencyKeys)
-    .values({ ...claim, state: "IN_PROGRESS", createdAt: at, expiresAt })
-    .onConflictDoUpdate({
-      target: [idempotencyKeys.scope, idempotencyKeys.key],
-      set: {
-        requestHash: claim.requestHash,
-        state: "IN_PROGRESS",
-        responseStatus: null,
-        responseBody: null,
-        lockedUntil: claim.lockedUntil,
-        createdAt: sql`CASE WHEN ${newLife} THEN ${at} ELSE ${idempotencyKeys.createdAt} END`,
-        expiresAt: sql`CASE WHEN ${newLife} THEN ${expiresAt} ELSE ${idempotencyKeys.expiresAt} END`,
-      },
-      setWhere: or(
-        lte(idempotencyKeys.expiresAt, at),
-        and(
-          eq(idempotencyKeys.state, "IN_PROGRESS"),
-          lte(idempotencyKeys.lockedUntil, at),
-          eq(idempotencyKeys.requestHash, claim.requestHash),
-        ),
-      ),
-    })
-    .returning({ createdAt: idempotencyKeys.createdAt });
-  const life = claimed[0]?.createdAt;
-  if (life === undefined) return null;
+  const claimed = await d1
+    .prepare(CLAIM_SQL)
+    .bind(claim.scope, claim.key, claim.requestHash, claim.lockedUntil, at, expiresAt)
+    .first<{ createdAt: string }>();
+  if (claimed === null) return null;
+  const life = claimed.createdAt;
   return { ...claim, effectRef: await effectRefOf(claim.scope, claim.key, life), fresh: life === at };
 }
 
@@ -280,10 +278,12 @@ async function runClaimed(
   }
   if (claim.storedWithEffect) return response;
   const body = await response.text();
-  await db
-    .update(idempotencyKeys)
-    .set({ state: "DONE", responseStatus: response.status, responseBody: body })
-    .where(owned(claim));
+  await c.env.DB.prepare(
+    `UPDATE idempotency_keys SET state = 'DONE', response_status = ?, response_body = ?
+     WHERE scope = ? AND key = ? AND state = 'IN_PROGRESS' AND locked_until = ?`,
+  )
+    .bind(response.status, body, claim.scope, claim.key, claim.lockedUntil)
+    .run();
   return new Response(body, { status: response.status, headers: response.headers });
 }
 
