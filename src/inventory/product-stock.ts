@@ -116,7 +116,7 @@ export class ProductStock extends DurableObject<Env> {
     if (!(await this.load(productId))) return this.refusal("PRODUCT_NOT_FOUND", userId);
     // From here to the insert there is no await: this is the critical section.
     // An order already committed under this key needs nothing more: its write will find the order.
-    if (this.isSettled(orderKey) || this.entry(orderKey)) return { ok: true, available: this.available() };
+    if (this.known(orderKey)) return { ok: true, available: this.available() };
     const refusal = this.assess(quantity, userId);
     if (refusal) return this.refusal(refusal, userId);
     await this.hold(orderKey, { quantity, user_id: userId, kind: "SALE" });
@@ -153,7 +153,7 @@ export class ProductStock extends DurableObject<Env> {
    */
   async announceRestock(productId: number, restockKey: string, quantity: number, userId: number): Promise<void> {
     if (!(await this.load(productId))) return;
-    if (this.isSettled(restockKey) || this.entry(restockKey)) return;
+    if (this.known(restockKey)) return;
     await this.hold(restockKey, { quantity, user_id: userId, kind: "RESTOCK" });
   }
 
@@ -317,8 +317,16 @@ export class ProductStock extends DurableObject<Env> {
     return this.stock - this.reserved;
   }
 
-  private entry(key: string): Entry | null {
-    return this.sql.exec<Entry>("SELECT quantity, user_id, kind FROM reservations WHERE order_key = ?", key).toArray()[0] ?? null;
+  /** Whether `key` already has an open entry or was settled: a second reservation under it takes nothing. */
+  private known(key: string): boolean {
+    return (
+      this.sql
+        .exec<{ known: number }>(
+          `SELECT EXISTS (SELECT 1 FROM reservations WHERE order_key = ?1) OR EXISTS (SELECT 1 FROM settled WHERE order_key = ?1) AS known`,
+          key,
+        )
+        .one().known === 1
+    );
   }
 
   /** The first reason a reservation of `quantity` by `userId` is refused, or null. */
@@ -381,18 +389,18 @@ export class ProductStock extends DurableObject<Env> {
       );
       return;
     }
-    const entry = this.entry(key);
-    if (this.drop(key) === null || !committed || !entry) {
+    const entry = this.drop(key);
+    if (entry === null || !committed) {
       // Committed in D1 but no longer held here nor counted: the alarm gave it up as never committed before
       // a slow write landed. This object's numbers are off from D1's: take D1's again.
-      if (committed && !entry && !this.isSettled(key) && this.productId !== null) void this.resync(this.productId);
+      if (committed && !this.isSettled(key) && this.productId !== null) void this.resync(this.productId);
       return;
     }
-    if (!this.isSettled(key)) {
+    // Once per key, however many entries that key had.
+    if (this.markSettled(key)) {
       this.stock += entry.kind === "SALE" ? -entry.quantity : entry.quantity;
       this.countPurchase(entry);
     }
-    this.markSettled(key);
   }
 
   private countPurchase(entry: Entry): void {
@@ -408,17 +416,20 @@ export class ProductStock extends DurableObject<Env> {
     );
   }
 
-  private markSettled(orderKey: string): void {
-    this.sql.exec("INSERT OR IGNORE INTO settled (order_key, settled_at) VALUES (?, ?)", orderKey, Date.now());
+  /** Records `orderKey` as settled; true if it was not already. */
+  private markSettled(orderKey: string): boolean {
+    return (
+      this.sql.exec("INSERT OR IGNORE INTO settled (order_key, settled_at) VALUES (?, ?) RETURNING 1 AS marked", orderKey, Date.now()).toArray()
+        .length > 0
+    );
   }
 
-  private drop(key: string): number | null {
-    const rows = this.sql
-      .exec<{ quantity: number; kind: string }>("DELETE FROM reservations WHERE order_key = ? RETURNING quantity, kind", key)
-      .toArray();
-    if (rows.length === 0) return null;
-    if (rows[0]!.kind === "SALE") this.reserved -= rows[0]!.quantity;
-    return rows[0]!.quantity;
+  /** Ends the open entry of `key` (a sale's units are no longer reserved); returns it, or null if none was open. */
+  private drop(key: string): Entry | null {
+    const entry =
+      this.sql.exec<Entry>("DELETE FROM reservations WHERE order_key = ? RETURNING quantity, user_id, kind", key).toArray()[0] ?? null;
+    if (entry?.kind === "SALE") this.reserved -= entry.quantity;
+    return entry;
   }
 
   private earliestExpiry(): number | null {
@@ -463,10 +474,8 @@ export class ProductStock extends DurableObject<Env> {
     if (!snapshot) return false;
     // D1's stock already holds what its committed entries did; the buyers' counts here do not yet.
     for (const key of snapshot.committed) {
-      const entry = this.entry(key);
-      if (entry && !this.isSettled(key)) this.countPurchase(entry);
-      this.drop(key);
-      this.markSettled(key);
+      const entry = this.drop(key);
+      if (this.markSettled(key) && entry) this.countPurchase(entry);
     }
     this.stock = snapshot.stock;
     this.maxPerUser = snapshot.maxPerUser;
