@@ -1,4 +1,4 @@
-import { and, eq, lte, sql, type SQL } from "drizzle-orm";
+import { and, eq, lte } from "drizzle-orm";
 import type { Context } from "hono";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { createDb } from "../db/client";
@@ -150,15 +150,6 @@ export function completeClaim(db: D1Database, claim: Claim, bodySql: string, ...
        WHERE scope = ? AND key = ? AND state = 'IN_PROGRESS' AND locked_until = ? AND (${bodySql}) IS NOT NULL`,
     )
     .bind(...bodyParams, claim.scope, claim.key, claim.lockedUntil, ...bodyParams);
-}
-
-/** The same completion as a drizzle query, for a drizzle `db.batch`. */
-export function completeClaimQuery(db: Db, claim: Claim, body: SQL) {
-  return db
-    .update(idempotencyKeys)
-    .set({ state: "DONE", responseStatus: 200, responseBody: sql`(${body})` })
-    // No body means the effect did not happen (a refusal): the claim stays for the refusal to be stored.
-    .where(and(owned(claim), sql`(${body}) IS NOT NULL`));
 }
 
 interface ClaimRequest {

@@ -48,7 +48,7 @@ export const walletRoutes = createRouter()
       idempotent(c, async (claim) => {
         const { userId, amount } = c.req.valid("json");
         const target = actingUserId(c.get("caller"), userId);
-        const charged = await chargeBalance(c.get("db"), c.get("clock"), target, amount, claim);
+        const charged = await chargeBalance(c.env.DB, c.get("clock"), target, amount, claim);
         return jsonText<z.infer<typeof ChargeResultSchema>>(c, charged);
       }),
   )

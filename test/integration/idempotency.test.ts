@@ -206,7 +206,7 @@ describe("concurrency and failure", () => {
     const claim = { scope, key, requestHash: await chargeHash(body), lockedUntil: LONG_AGO, effectRef: await effectRefOf(scope, key, LONG_AGO) };
     await seedKey({ scope, key, hash: claim.requestHash });
     // The first attempt gets as far as its batch, then dies: nothing after the batch runs.
-    const committed = await chargeBalance(createDb(env.DB), systemClock, user.id, 700, claim);
+    const committed = await chargeBalance(env.DB, systemClock, user.id, 700, claim);
     const retry = await chargeWithKey(await tokenFor(user.id), key, body);
     expect(retry.status).toBe(200);
     expect(retry.text).toBe(committed);
@@ -223,7 +223,7 @@ describe("concurrency and failure", () => {
     await seedKey({ scope, key, hash: claim.requestHash });
     const retry = await chargeWithKey(await tokenFor(user.id), key, body);
     expect(retry.status).toBe(200);
-    const late = await chargeBalance(createDb(env.DB), systemClock, user.id, 800, claim);
+    const late = await chargeBalance(env.DB, systemClock, user.id, 800, claim);
     expect(late).toBe(retry.text);
     expect(await ledgerCount(user.id)).toBe(1);
     const balance = await env.DB.prepare("SELECT balance FROM users WHERE id = ?").bind(user.id).first<{ balance: number }>();
