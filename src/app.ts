@@ -8,6 +8,7 @@ import { couponRoutes } from "./coupons/routes";
 import { orderRoutes } from "./orders/routes";
 import { walletRoutes } from "./wallet/routes";
 import { createDb } from "./db/client";
+import { isD1Unavailable } from "./db/errors";
 import { AppError } from "./lib/errors";
 import { problemResponse } from "./lib/problem";
 import { systemClock, type Clock } from "./lib/clock";
@@ -93,6 +94,15 @@ export function createApp(options: AppOptions = {}) {
     if (error instanceof HTTPException) {
       const mapped = fromHttpException(error);
       if (mapped.code !== "INTERNAL") return problemResponse(c, mapped);
+    }
+    // D1 unreachable or overloaded on a path that does not answer it itself (a read, a claim): a 503 with
+    // Retry-After, not a 500. Writes whose outcome it leaves unknown answer their own 503 and keep their claim.
+    if (isD1Unavailable(error)) {
+      log("warn", "D1 unavailable", { requestId: c.get("requestId"), method: c.req.method, path: c.req.path, ...describeError(error) });
+      return problemResponse(
+        c,
+        new AppError("SERVICE_UNAVAILABLE", "The database cannot be reached right now; retry shortly, with the same Idempotency-Key for a write"),
+      );
     }
     log("error", "unhandled error", {
       requestId: c.get("requestId"),

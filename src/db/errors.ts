@@ -9,3 +9,15 @@ export function isConstraintViolation(error: unknown, fragment: string): boolean
   }
   return false;
 }
+
+/**
+ * True when a D1 call failed because D1 could not be reached or was overloaded (the binding's `D1_ERROR`
+ * family, possibly wrapped by drizzle), as opposed to a constraint or SQL error, which is ours to handle.
+ */
+export function isD1Unavailable(error: unknown): boolean {
+  for (let e: unknown = error; e instanceof Error; e = e.cause) {
+    if (e.message.includes("constraint failed")) return false;
+    if (/D1_(ERROR|RESET|EXEC)|Network connection lost|overloaded|storage operation exceeded timeout/i.test(e.message)) return true;
+  }
+  return false;
+}

@@ -95,7 +95,8 @@ export function problems(...statuses: (400 | 401 | 403 | 404 | 409 | 413 | 415 |
     503: "A dependency is overloaded or unreachable; nothing was held; retry after the Retry-After header's seconds",
     500: "Something failed on the server; the problem carries the requestId to quote",
   };
-  return Object.fromEntries([...statuses, 500].map((s) => [s, problemResponse(described[s]!)]));
+  // Any route may meet D1 unreachable (503) or a fault of ours (500).
+  return Object.fromEntries([...new Set([...statuses, 503, 500])].map((s) => [s, problemResponse(described[s]!)]));
 }
 
 export const bearer = [{ bearerAuth: [] }];

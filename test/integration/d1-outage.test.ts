@@ -1,0 +1,82 @@
+import { env } from "cloudflare:workers";
+import { describe, expect, it } from "vitest";
+import { createApp } from "../../src/app";
+import { fixedClock } from "../../src/lib/clock";
+import { call, expectProblem, tokenFor } from "../helpers/api";
+import { one } from "../helpers/db";
+import { makeProduct, makeUser } from "../helpers/factories";
+import { d1Down, inject } from "../helpers/faults";
+
+// D1 unreachable: every answer is a 503 problem with Retry-After (never a 500), and a write whose reply was
+// lost is applied once however the client retries.
+
+const ledger = (userId: number) =>
+  one<{ n: number; balance: number }>(
+    "SELECT (SELECT count(*) FROM wallet_transactions WHERE user_id = ?1) AS n, (SELECT balance FROM users WHERE id = ?1) AS balance",
+    userId,
+  );
+
+function expectUnavailable(res: { status: number; headers: Headers; body: any; text: string }) {
+  expectProblem(res, 503, "SERVICE_UNAVAILABLE");
+  expect(res.headers.get("retry-after")).toBe("1");
+}
+
+describe("D1 unreachable", () => {
+  it("a read, a balance and an idempotent claim answer 503 with Retry-After, and nothing changes", async () => {
+    const user = await makeUser();
+    const product = await makeProduct({ price: 100, stock: 5 });
+    const token = await tokenFor(user.id);
+    const restore = [
+      inject(env.DB, "prepare", () => () => {
+        throw d1Down();
+      }),
+      inject(env.DB, "batch", () => async () => {
+        throw d1Down();
+      }),
+    ];
+    try {
+      expectUnavailable(await call("GET", `/api/products/${product.id}`));
+      expectUnavailable(await call("GET", `/api/balance/${user.id}`, { token }));
+      expectUnavailable(await call("GET", "/api/users/balance/history", { token }));
+      expectUnavailable(
+        await call("POST", "/api/balance/charge", { token, body: { amount: 500 }, headers: { "Idempotency-Key": "outage-1" } }),
+      );
+      expectUnavailable(await call("POST", "/api/balance/charge", { token, body: { amount: 500 } }));
+    } finally {
+      restore.forEach((r) => r());
+    }
+    expect(await ledger(user.id)).toEqual({ n: 0, balance: 0 });
+    // The key was never claimed: the same request now simply runs.
+    const again = await call("POST", "/api/balance/charge", { token, body: { amount: 500 }, headers: { "Idempotency-Key": "outage-1" } });
+    expect(again.status).toBe(200);
+    expect(await ledger(user.id)).toEqual({ n: 1, balance: 500 });
+  });
+
+  it("a keyed charge whose reply is lost after it committed answers 503, and its retry replays it", async () => {
+    const user = await makeUser();
+    const token = await tokenFor(user.id);
+    const clock = fixedClock("2026-12-01T10:00:00.000Z");
+    const app = createApp({ clock });
+    const charge = () =>
+      call("POST", "/api/balance/charge", { app, token, body: { amount: 700 }, headers: { "Idempotency-Key": "lost-reply" } });
+    // The charge's batch commits, then its reply is lost.
+    const restore = inject(env.DB, "batch", (original) => async (statements) => {
+      await original(statements);
+      throw d1Down();
+    });
+    let first;
+    try {
+      first = await charge();
+    } finally {
+      restore();
+    }
+    expectUnavailable(first);
+    expect(await ledger(user.id)).toEqual({ n: 1, balance: 700 });
+    // The response was stored in the charge's own batch: the retry replays it, and charges nothing more.
+    const retry = await charge();
+    expect(retry.status).toBe(200);
+    expect(retry.headers.get("idempotent-replayed")).toBe("true");
+    expect(retry.body).toMatchObject({ userId: user.id, balance: 700, transaction: { type: "CHARGE", amount: 700 } });
+    expect(await ledger(user.id)).toEqual({ n: 1, balance: 700 });
+  });
+});
