@@ -3,7 +3,7 @@ import { exponentialBackoff } from "../lib/backoff";
 import { systemClock, type Clock } from "../lib/clock";
 import { requestIdOf, withRequestId } from "../lib/request-context";
 import { eventOf, orderIdOf, retryLater, type OrderEvent } from "../orders/outbox";
-import { exportSchemaOf, idempotencyKeyOf } from "./event";
+import { exportSchemaOf, idempotencyKeyOf, type OrderCancellationExport, type OrderExportEvent } from "./event";
 import { deliverySigner, type DeliverySigner } from "./signature";
 
 // Delivers order events to the data platform, at least once from the queue's side and effectively once on
@@ -15,16 +15,27 @@ import { deliverySigner, type DeliverySigner } from "./signature";
 // The two are not ordered: a cancellation may reach the platform before its order (say, the order's
 // export is still backing off); each is delivered on its own and the platform deduplicates each by key.
 //
+// Batching: a queue batch costs two D1 calls, not two or three per message (an order storm would otherwise
+// spend D1's single writer on the exports). One read gets the status of every well-formed message's export;
+// those already SENT are only closed in the outbox; the others are POSTed concurrently (each is
+// independent); then ONE d1.batch records every outcome: SENT and the outbox closed for a 2xx, the attempt
+// and its error otherwise. Only once it has committed is each message acked or retried with its backoff.
+// Two copies of one event in a batch share one POST and one write. Malformed messages are settled one by
+// one, before the others.
+//
 // Invariant: an export is SENT only after a 2xx, and every message ends acked or retried on its own:
-// nothing this consumer meets throws the batch away, so one message's trouble never burns the others'
-// retries and no retry comes back sooner than its backoff.
+// nothing this consumer meets throws the batch away, so one message's trouble (a refusal, a malformed
+// body) never burns the others' retries and no retry comes back sooner than its backoff. Only D1 failing,
+// which is no message's doing, retries every message of the batch together.
 // - The platform refuses, times out or is unreachable: the attempt and its error are recorded on the
 //   export, and the message is retried with exponential backoff (`backoffSeconds`).
 // - DATA_PLATFORM_URL is missing or not an http(s) URL: nothing is POSTed; the attempt is recorded with
 //   that reason as last_error (the admin export list shows it) and the message backs off like a refusal.
 // - EXPORT_SIGNING_SECRET is missing or malformed: the same; an unsigned delivery is never POSTed.
-// - D1 fails (reading the status, recording SENT or the failed attempt): the message backs off the same
-//   way. A 2xx whose SENT write failed is POSTed again on the retry; the platform deduplicates it.
+// - D1 fails reading the statuses: nothing is POSTed and every well-formed message of the batch backs off
+//   the same way. D1 fails recording the outcomes: nothing of the batch is recorded (one transaction) and
+//   every one of its messages backs off; a 2xx among them is POSTed again on the retry, and the platform
+//   deduplicates it. (The outcome writes are UPDATEs no constraint can refuse: only D1 itself fails them.)
 // - Retries exhausted (max_retries in wrangler.toml): the dead-letter consumer marks the export FAILED,
 //   keeping the last error, for an admin to see and retry.
 // - A malformed body can never succeed: with a usable orderId the export of its event (a body with
@@ -61,18 +72,32 @@ export async function deliverExports(batch: MessageBatch, deps: ExportDeps): Pro
   if (typeof delivery === "string") {
     log("error", "export: not delivering", { reason: delivery, messages: batch.messages.length });
   }
+  const valid: Export[] = [];
   for (const message of batch.messages) {
+    const parsed = parseMessage(message);
+    if ("body" in parsed) {
+      valid.push(parsed);
+      continue;
+    }
     try {
-      await withRequestId(requestIdOf(message.body), () => deliverMessage(message, deps, delivery));
+      await withRequestId(requestIdOf(message.body), () => failMalformed(message, deps, parsed.malformed));
     } catch (error) {
       retryLater(message, "export", backoffSeconds(message.attempts), error);
     }
   }
+  if (valid.length > 0) await deliverAll(valid, deps, delivery);
 }
 
 interface Delivery {
   url: string;
   signer: DeliverySigner;
+}
+
+/** A well-formed message and the export row it is about. */
+interface Export {
+  message: Message;
+  row: { orderId: number; event: OrderEvent };
+  body: OrderExportEvent | OrderCancellationExport;
 }
 
 /** Where and how to deliver, or why nothing can be delivered. */
@@ -83,48 +108,97 @@ async function deliveryOf(deps: ExportDeps): Promise<Delivery | string> {
   return "problem" in signer ? signer.problem : { url: deps.url!, signer };
 }
 
-async function deliverMessage(message: Message, deps: ExportDeps, delivery: Delivery | string): Promise<void> {
+function parseMessage(message: Message): Export | { malformed: string } {
   const event = eventOf(message);
-  if (event === null) return failMalformed(message, deps, "malformed export message: unknown event");
+  if (event === null) return { malformed: "malformed export message: unknown event" };
   const parsed = exportSchemaOf[event].safeParse(message.body);
   if (!parsed.success) {
     const issues = parsed.error.issues.map((issue) => `${issue.path.join(".") || "body"}: ${issue.message}`);
-    return failMalformed(message, deps, `malformed export message: ${issues.join("; ")}`.slice(0, 300));
+    return { malformed: `malformed export message: ${issues.join("; ")}`.slice(0, 300) };
   }
-  const body = parsed.data;
-  const row = { orderId: body.orderId, event };
-  const current = await deps.db
-    .prepare("SELECT status FROM order_exports WHERE order_id = ? AND event = ?")
-    .bind(row.orderId, row.event)
-    .first<{ status: string }>();
-  if (current?.status === "SENT") {
-    await completeOutboxStatement(deps.db, row, deps.clock.now().toISOString()).run();
-    message.ack();
-    return;
+  return { message, row: { orderId: parsed.data.orderId, event }, body: parsed.data };
+}
+
+const keyOf = (row: { orderId: number; event: string }) => `${row.orderId}:${row.event}`;
+
+/**
+ * The well-formed messages of a batch, in a constant number of D1 calls: one read of their statuses, the
+ * POSTs of those not yet SENT (concurrently), then one batch with every message's outcome.
+ */
+async function deliverAll(exports: Export[], deps: ExportDeps, delivery: Delivery | string): Promise<void> {
+  const retryAll = (error: unknown) => {
+    for (const { message } of exports) retryLater(message, "export", backoffSeconds(message.attempts), error);
+  };
+  let sent: Set<string>;
+  try {
+    const { results } = await deps.db
+      .prepare("SELECT order_id, event, status FROM order_exports WHERE order_id IN (SELECT value FROM json_each(?))")
+      .bind(JSON.stringify([...new Set(exports.map((e) => e.row.orderId))]))
+      .all<{ order_id: number; event: string; status: string }>();
+    sent = new Set(results.filter((r) => r.status === "SENT").map((r) => keyOf({ orderId: r.order_id, event: r.event })));
+  } catch (error) {
+    return retryAll(error);
   }
-  const error =
-    typeof delivery === "string" ? delivery : await post(delivery, deps, idempotencyKeyOf(row.orderId, row.event), body);
+
+  // A second copy of an event in the batch (a relay re-send) shares the first's POST and write.
+  const firstOf = new Map<string, number>();
+  const first = exports.map(({ row }, i) => {
+    const key = keyOf(row);
+    if (!firstOf.has(key)) firstOf.set(key, i);
+    return firstOf.get(key)!;
+  });
+
+  // Each event's outcome: null when delivered now or before, else why not.
+  const outcomes = await Promise.all(
+    exports.map(({ message, row, body }, i) => {
+      if (first[i] !== i || sent.has(keyOf(row))) return null;
+      if (typeof delivery === "string") return delivery;
+      return withRequestId(requestIdOf(message.body), () => post(delivery, deps, idempotencyKeyOf(row.orderId, row.event), body));
+    }),
+  );
+
   const now = deps.clock.now().toISOString();
-  if (error === null) {
-    await deps.db.batch([
+  const errors = first.map((j) => outcomes[j] ?? null);
+  const writes = exports.flatMap(({ row }, i) => {
+    if (first[i] !== i) return [];
+    if (sent.has(keyOf(row))) return [completeOutboxStatement(deps.db, row, now)];
+    const error = errors[i];
+    if (error === null) {
+      return [
+        deps.db
+          .prepare(
+            `UPDATE order_exports SET status = 'SENT', attempts = attempts + 1, last_error = NULL, sent_at = ?, updated_at = ?
+             WHERE order_id = ? AND event = ?`,
+          )
+          .bind(now, now, row.orderId, row.event),
+        completeOutboxStatement(deps.db, row, now),
+      ];
+    }
+    return [
       deps.db
-        .prepare(
-          `UPDATE order_exports SET status = 'SENT', attempts = attempts + 1, last_error = NULL, sent_at = ?, updated_at = ?
-           WHERE order_id = ? AND event = ?`,
-        )
-        .bind(now, now, row.orderId, row.event),
-      completeOutboxStatement(deps.db, row, now),
-    ]);
-    message.ack();
-    return;
+        .prepare("UPDATE order_exports SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE order_id = ? AND event = ?")
+        .bind(error, now, row.orderId, row.event),
+    ];
+  });
+  try {
+    await deps.db.batch(writes);
+  } catch (error) {
+    // Nothing was recorded: a 2xx is POSTed again on the retry, and the platform deduplicates it.
+    return retryAll(error);
   }
-  await deps.db
-    .prepare("UPDATE order_exports SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE order_id = ? AND event = ?")
-    .bind(error, now, row.orderId, row.event)
-    .run();
-  const delaySeconds = backoffSeconds(message.attempts);
-  log("warn", "export delivery failed; retrying", { ...row, attempt: message.attempts, delaySeconds, error });
-  message.retry({ delaySeconds });
+
+  exports.forEach(({ message, row }, i) => {
+    const error = errors[i];
+    if (error === null) {
+      message.ack();
+      return;
+    }
+    const delaySeconds = backoffSeconds(message.attempts);
+    withRequestId(requestIdOf(message.body), () =>
+      log("warn", "export delivery failed; retrying", { ...row, attempt: message.attempts, delaySeconds, error }),
+    );
+    message.retry({ delaySeconds });
+  });
 }
 
 /**

@@ -3,9 +3,9 @@ import type { StatsEvent } from "./event";
 
 // Each order moves the daily sales at most twice: once when placed (+ its units) and once when cancelled
 // (- the same units, on the same stat date). Each event is recorded as counted (stats_counted_orders,
-// stats_counted_cancellations) by the LAST statement of the batch that applies it, one transaction: a
-// redelivered or retried message finds its event already counted and changes nothing, and a failed batch
-// leaves no trace.
+// stats_counted_cancellations) by the LAST of the statements that apply it, in the same batch (one
+// transaction): a redelivered or retried message finds its event already counted and changes nothing, and
+// a failed batch leaves no trace.
 //
 // Ordering. The two events travel as separate messages and may be consumed in either order (a PLACED
 // message retried after a D1 failure, a relay re-send). Both are counted idempotently and each looks at
@@ -42,15 +42,28 @@ const MARK_COUNTED: Record<OrderEvent, string> = {
   CANCELLED: `INSERT INTO stats_counted_cancellations (order_id, counted_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING`,
 };
 
-/** Applies one order event to the daily sales, at most once per order and event. True when it was counted now. */
-export async function countOrderEvent(d1: D1Database, event: StatsEvent, now: Date): Promise<boolean> {
+/**
+ * The statements that apply one order event, in the order they must run: its sale lines, the outbox
+ * completion, and LAST the counted mark. Several events' statements may share one batch (the consumer
+ * batches a whole queue batch) as long as each event's stay contiguous and in this order: a second copy
+ * of an event then finds the first's mark inside the same transaction and changes nothing.
+ */
+export function countStatements(d1: D1Database, event: StatsEvent, now: Date): D1PreparedStatement[] {
   const at = now.toISOString();
   const line = event.event === "PLACED" ? ADD_SALE : SUBTRACT_SALE;
   const statements = event.items.map((item) => d1.prepare(line).bind(event.date, item.productId, item.quantity, event.orderId));
   statements.push(d1.prepare(COMPLETE_OUTBOX).bind(event.orderId, event.event, at));
   statements.push(d1.prepare(MARK_COUNTED[event.event]).bind(event.orderId, at));
-  const results = await d1.batch(statements);
-  return results.at(-1)!.meta.changes === 1;
+  return statements;
+}
+
+/** True when the result of an event's LAST statement (its counted mark) says it was counted now. */
+export const countedNow = (mark: D1Result) => mark.meta.changes === 1;
+
+/** Applies one order event to the daily sales, at most once per order and event. True when it was counted now. */
+export async function countOrderEvent(d1: D1Database, event: StatsEvent, now: Date): Promise<boolean> {
+  const results = await d1.batch(countStatements(d1, event, now));
+  return countedNow(results.at(-1)!);
 }
 
 /** Closes the event's outbox row without counting it: for a message that can never be counted. */
