@@ -112,11 +112,12 @@ export class ProductStock extends DurableObject<Env> {
     return withRequestId(requestId, () => this.take(productId, orderKey, quantity, userId));
   }
 
-  private async take(productId: number, orderKey: string, quantity: number, userId: number): Promise<ReserveResult> {
+  /** `newKey`: the caller knows no entry can exist under `orderKey` yet (a key made for this request alone). */
+  private async take(productId: number, orderKey: string, quantity: number, userId: number, newKey = false): Promise<ReserveResult> {
     if (!(await this.load(productId))) return this.refusal("PRODUCT_NOT_FOUND", userId);
     // From here to the insert there is no await: this is the critical section.
     // An order already committed under this key needs nothing more: its write will find the order.
-    if (this.known(orderKey)) return { ok: true, available: this.available() };
+    if (!newKey && this.known(orderKey)) return { ok: true, available: this.available() };
     const refusal = this.assess(quantity, userId);
     if (refusal) return this.refusal(refusal, userId);
     await this.hold(orderKey, { quantity, user_id: userId, kind: "SALE" });
@@ -130,7 +131,12 @@ export class ProductStock extends DurableObject<Env> {
    * the order and settles its units.
    */
   async placeOrder(productId: number, order: SingleProductOrder): Promise<{ stock: ReserveResult; outcome?: GroupOutcome }> {
-    const stock = await this.reserve(productId, order.orderKey, order.quantity, order.userId, order.requestId);
+    // An unkeyed order's key is a fresh UUID, and a claim that began its key's life now has a fresh effect:
+    // neither can have an entry here yet, so the lookup of one is skipped (a takeover's key is looked up).
+    const newKey = order.claim === null || order.claim.fresh === true;
+    const stock = await withRequestId(order.requestId, () =>
+      this.take(productId, order.orderKey, order.quantity, order.userId, newKey),
+    );
     if (!stock.ok) return { stock };
     return { stock, outcome: await this.orderGroup(productId).submit(order) };
   }
