@@ -122,6 +122,26 @@ function parseMessage(message: Message): Export | { malformed: string } {
 const keyOf = (row: { orderId: number; event: string }) => `${row.orderId}:${row.event}`;
 
 /**
+ * POSTs of one queue batch in flight at once: enough to overlap the platform's latency, few enough that a
+ * batch of 50 neither opens 50 connections at once nor looks like a flood to the platform.
+ */
+export const POSTS_IN_FLIGHT = 8;
+
+/** `fn` over `items` with at most `limit` running at once; results in the items' order. */
+async function mapInFlight<T, R>(items: T[], limit: number, fn: (item: T, index: number) => Promise<R>): Promise<R[]> {
+  const results = new Array<R>(items.length);
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const i = next++;
+      results[i] = await fn(items[i]!, i);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return results;
+}
+
+/**
  * The well-formed messages of a batch, in a constant number of D1 calls: one read of their statuses, the
  * POSTs of those not yet SENT (concurrently), then one batch with every message's outcome.
  */
@@ -149,13 +169,11 @@ async function deliverAll(exports: Export[], deps: ExportDeps, delivery: Deliver
   });
 
   // Each event's outcome: null when delivered now or before, else why not.
-  const outcomes = await Promise.all(
-    exports.map(({ message, row, body }, i) => {
-      if (first[i] !== i || sent.has(keyOf(row))) return null;
-      if (typeof delivery === "string") return delivery;
-      return withRequestId(requestIdOf(message.body), () => post(delivery, deps, idempotencyKeyOf(row.orderId, row.event), body));
-    }),
-  );
+  const outcomes = await mapInFlight(exports, POSTS_IN_FLIGHT, async ({ message, row, body }, i) => {
+    if (first[i] !== i || sent.has(keyOf(row))) return null;
+    if (typeof delivery === "string") return delivery;
+    return withRequestId(requestIdOf(message.body), () => post(delivery, deps, idempotencyKeyOf(row.orderId, row.event), body));
+  });
 
   const now = deps.clock.now().toISOString();
   const errors = first.map((j) => outcomes[j] ?? null);

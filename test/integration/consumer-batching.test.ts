@@ -1,7 +1,7 @@
 import { createExecutionContext, createMessageBatch, getQueueResult } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { afterEach, describe, expect, it, vi } from "vitest";
-import { backoffSeconds } from "../../src/export/consumer";
+import { backoffSeconds, POSTS_IN_FLIGHT } from "../../src/export/consumer";
 import { fixedClock } from "../../src/lib/clock";
 import { relayOutbox } from "../../src/orders/outbox";
 import { countBatch, MAX_BATCH_STATEMENTS } from "../../src/stats/consumer";
@@ -293,9 +293,9 @@ function refusing(refused: Set<number>, together = 1) {
 }
 
 describe("export consumer: one read and one write batch per queue batch", () => {
-  it("30 messages to a healthy platform: 1 read + 1 batch, POSTed concurrently, every export SENT and its outbox row closed", async () => {
+  it("30 messages to a healthy platform: 1 read + 1 batch, POSTed POSTS_IN_FLIGHT at a time, every export SENT and its outbox row closed", async () => {
     const orders = await Promise.all(Array.from({ length: 30 }, () => seededOrder()));
-    const { posted, deps, maxInFlight } = refusing(new Set(), 29);
+    const { posted, deps, maxInFlight } = refusing(new Set(), POSTS_IN_FLIGHT);
     // One already SENT (a redelivery) and a second copy of another in the same batch.
     await deliver(bodyOf(orders[0]!), deps);
     posted.length = 0;
@@ -307,7 +307,8 @@ describe("export consumer: one read and one write batch per queue batch", () => 
     expect(result.explicitAcks.sort()).toEqual([...result.ids].sort());
     expect(result.retryMessages).toEqual([]);
     expect(posted.map((p) => p.key).sort()).toEqual(orders.slice(1).map((o) => `order-${o.orderId}`).sort());
-    expect(maxInFlight()).toBe(29);
+    // 29 to POST, never more than POSTS_IN_FLIGHT at once, and that many overlap.
+    expect(maxInFlight()).toBe(POSTS_IN_FLIGHT);
     for (const { orderId } of orders) {
       expect(await exportRow(orderId)).toMatchObject({ status: "SENT", attempts: 1, last_error: null });
       expect((await outboxRow(orderId, "export")).completed_at).not.toBeNull();
