@@ -44,12 +44,7 @@ export class AppError extends Error {
   readonly errors?: FieldError[];
 
   constructor(code: ErrorCode, detail?: string, errors?: FieldError[]) {
-    // A refusal is an answer, not a fault: no stack trace is captured (in a drop, most requests end in one,
-    // and capturing the stack costs more than the rest of a sold-out refusal).
-    const stackTraceLimit = Error.stackTraceLimit;
-    Error.stackTraceLimit = 0;
     super(detail ?? ERRORS[code].title);
-    Error.stackTraceLimit = stackTraceLimit;
     this.name = "AppError";
     this.code = code;
     this.status = ERRORS[code].status;
