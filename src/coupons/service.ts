@@ -2,6 +2,7 @@ import { and, desc, eq, gt } from "drizzle-orm";
 import { coupons, userCoupons } from "../db/schema";
 import { AppError } from "../lib/errors";
 import { describeError, log } from "../lib/log";
+import { SoldOutMarks } from "../lib/sold-out-marks";
 import type { Clock } from "../lib/clock";
 import type { Db } from "../env";
 import type { CouponGate, IssueOutcome, IssueRefusal } from "./coupon-gate";
@@ -62,9 +63,12 @@ const UNCONFIRMED = "The issue could not be confirmed; try again (a retry never 
  * map is routed as one shard, which is right for most and reaches shard 0 of the others.
  */
 const shardCounts = new Map<number, number>();
-const soldOutUntil = new Map<number, number>();
 /** How long a sold-out answer is repeated without asking a gate: a piece that comes back waits this long at most. */
 export const SOLD_OUT_MARK_MS = 1_000;
+const soldOut = new SoldOutMarks(
+  SOLD_OUT_MARK_MS,
+  (couponId) => new AppError("COUPON_SOLD_OUT", refusalDetail("COUPON_SOLD_OUT", couponId, 0)),
+);
 
 /** First come, first served: the user's shard of the coupon decides, and answers once D1 has the row. */
 export async function issueCoupon(
@@ -73,11 +77,8 @@ export async function issueCoupon(
   couponId: number,
   userId: number,
 ): Promise<UserCoupon> {
-  const markedUntil = soldOutUntil.get(couponId);
-  if (markedUntil !== undefined) {
-    if (Date.now() < markedUntil) throw new AppError("COUPON_SOLD_OUT", refusalDetail("COUPON_SOLD_OUT", couponId, userId));
-    soldOutUntil.delete(couponId);
-  }
+  const markedSoldOut = soldOut.refusal(couponId);
+  if (markedSoldOut) throw markedSoldOut;
   const now = clock.now().toISOString();
   let shards = shardCounts.get(couponId) ?? 1;
   let outcome = await askGate(gates, { couponId, userId, now, shards, shard: shardOf(userId, shards) });
@@ -90,8 +91,8 @@ export async function issueCoupon(
   if (outcome.code === "MISROUTED") throw new AppError("SERVICE_UNAVAILABLE", UNCONFIRMED);
   // A gate says sold out only once every piece is issued or held (every shard dry); a failed batch, which
   // this isolate hears of as USER_NOT_FOUND or 503, may give pieces back and reopens the coupon here.
-  if (outcome.code === "COUPON_SOLD_OUT") soldOutUntil.set(couponId, Date.now() + SOLD_OUT_MARK_MS);
-  if (outcome.code === "USER_NOT_FOUND" || outcome.code === "SERVICE_UNAVAILABLE") soldOutUntil.delete(couponId);
+  if (outcome.code === "COUPON_SOLD_OUT") soldOut.mark(couponId);
+  if (outcome.code === "USER_NOT_FOUND" || outcome.code === "SERVICE_UNAVAILABLE") soldOut.forget(couponId);
   throw new AppError(outcome.code, refusalDetail(outcome.code, couponId, userId));
 }
 

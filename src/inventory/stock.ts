@@ -1,4 +1,5 @@
 import { AppError, OutcomeUnknownError } from "../lib/errors";
+import { SoldOutMarks } from "../lib/sold-out-marks";
 import { describeError, log } from "../lib/log";
 import { currentRequestId } from "../lib/request-context";
 import type { SingleProductOrder } from "./order-group";
@@ -20,15 +21,11 @@ export interface StockLine {
  * units back itself.
  */
 const SOLD_OUT_MARK_MS = 1_000;
-const soldOutUntil = new Map<number, number>();
-
-const markedSoldOut = (productId: number) => (soldOutUntil.get(productId) ?? 0) > Date.now();
+const soldOut = new SoldOutMarks(SOLD_OUT_MARK_MS, (productId) => new AppError("OUT_OF_STOCK", `Product ${productId} is sold out`));
 
 /** The refusal for a product this isolate saw sold out within the last second, or null. */
-export function soldOutRefusal(productId: number): AppError | null {
-  return markedSoldOut(productId) ? new AppError("OUT_OF_STOCK", `Product ${productId} is sold out`) : null;
-}
-const forgetSoldOut = (lines: StockLine[]) => lines.forEach((l) => soldOutUntil.delete(l.productId));
+export const soldOutRefusal = (productId: number): AppError | null => soldOut.refusal(productId);
+const forgetSoldOut = (lines: StockLine[]) => lines.forEach((l) => soldOut.forget(l.productId));
 
 function stockObject(env: Env, productId: number) {
   return env.PRODUCT_STOCK.get(env.PRODUCT_STOCK.idFromName(String(productId)));
@@ -112,8 +109,8 @@ function refusalError(line: StockLine, result: Refused): AppError {
  */
 export async function placeSingleProductOrder(env: Env, line: StockLine, order: SingleProductOrder): Promise<{ body: string; stored: boolean }> {
   // A keyed order that took over a crashed run always asks: that run may have placed it, to be replayed.
-  const soldOut = order.claim === null || order.claim.fresh ? soldOutRefusal(line.productId) : null;
-  if (soldOut) throw soldOut;
+  const marked = order.claim === null || order.claim.fresh ? soldOutRefusal(line.productId) : null;
+  if (marked) throw marked;
   let result: Awaited<ReturnType<DurableObjectStub<ProductStock>["placeOrder"]>>;
   try {
     result = await stockObject(env, line.productId).placeOrder(line.productId, order);
@@ -126,7 +123,7 @@ export async function placeSingleProductOrder(env: Env, line: StockLine, order: 
   }
   if (!result.stock.ok) {
     if (result.stock.reason === "OUT_OF_STOCK" && result.stock.available === 0) {
-      soldOutUntil.set(line.productId, Date.now() + SOLD_OUT_MARK_MS);
+      soldOut.mark(line.productId);
     }
     throw refusalError(line, result.stock);
   }
