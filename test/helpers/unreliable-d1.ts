@@ -27,39 +27,7 @@ export function unreliableD1(real: D1Database): UnreliableD1 {
     throw new Error("D1_ERROR: injected outage");
   };
 
-  class Statement {
-    constructor(
-      readonly real: D1PreparedStatement,
-      readonly sql: string,
-    ) {}
-    bind(...values: unknown[]) {
-      return new Statement(this.real.bind(...values), this.sql);
-    }
-    async first(column?: string) {
-      check(this.sql);
-      return column === undefined ? this.real.first() : this.real.first(column);
-    }
-    async run() {
-      check(this.sql);
-      return this.real.run();
-    }
-    async all() {
-      check(this.sql);
-      return this.real.all();
-    }
-    async raw() {
-      check(this.sql);
-      return this.real.raw();
-    }
-  }
-
-  const db = {
-    prepare: (sql: string) => new Statement(real.prepare(sql), sql),
-    batch: async (statements: Statement[]) => {
-      check(statements.map((s) => s.sql).join(";\n"));
-      return real.batch(statements.map((s) => s.real));
-    },
-  } as unknown as D1Database;
+  const db = interceptedD1(real, (call) => check(call.sql));
 
   return {
     db,
@@ -77,4 +45,50 @@ export function unreliableD1(real: D1Database): UnreliableD1 {
       return failures;
     },
   };
+}
+
+/** One call made through an intercepted D1: a statement's first/run/all/raw, or a batch (one call, whatever it holds). */
+export interface D1Call {
+  kind: "first" | "run" | "all" | "raw" | "batch";
+  sql: string;
+  statements: number;
+}
+
+/**
+ * A D1 whose statements are its own wrappers around the real ones: `before` sees every call first (and may
+ * throw, failing it), then the real database runs it.
+ */
+export function interceptedD1(real: D1Database, before: (call: D1Call) => void): D1Database {
+  class Statement {
+    constructor(
+      readonly real: D1PreparedStatement,
+      readonly sql: string,
+    ) {}
+    bind(...values: unknown[]) {
+      return new Statement(this.real.bind(...values), this.sql);
+    }
+    async first(column?: string) {
+      before({ kind: "first", sql: this.sql, statements: 1 });
+      return column === undefined ? this.real.first() : this.real.first(column);
+    }
+    async run() {
+      before({ kind: "run", sql: this.sql, statements: 1 });
+      return this.real.run();
+    }
+    async all() {
+      before({ kind: "all", sql: this.sql, statements: 1 });
+      return this.real.all();
+    }
+    async raw() {
+      before({ kind: "raw", sql: this.sql, statements: 1 });
+      return this.real.raw();
+    }
+  }
+  return {
+    prepare: (sql: string) => new Statement(real.prepare(sql), sql),
+    batch: async (statements: Statement[]) => {
+      before({ kind: "batch", sql: statements.map((s) => s.sql).join(";\n"), statements: statements.length });
+      return real.batch(statements.map((s) => s.real));
+    },
+  } as unknown as D1Database;
 }

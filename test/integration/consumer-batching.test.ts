@@ -9,53 +9,16 @@ import { all, one } from "../helpers/db";
 import { deliver, deliverMany, exportRow, outboxRow, platform, recordingQueues, seededOrder } from "../helpers/exports";
 import { makeProduct } from "../helpers/factories";
 import { gate } from "../helpers/faults";
-import { unreliableD1 } from "../helpers/unreliable-d1";
+import { interceptedD1, unreliableD1, type D1Call } from "../helpers/unreliable-d1";
+import { captureLogLines, linesWith } from "../helpers/logs";
 
 // The queue consumers cost a constant number of D1 calls per queue batch, not a few per message: the stats
 // consumer one d1.batch per chunk of messages, the export consumer one read and one batch.
 
-interface Call {
-  kind: "first" | "run" | "all" | "raw" | "batch";
-  sql: string;
-  statements: number;
-}
-
 /** A D1 that records every call made through it (a batch is one call, whatever it holds). */
 function countingDb(real: D1Database) {
-  const calls: Call[] = [];
-  class Statement {
-    constructor(
-      readonly real: D1PreparedStatement,
-      readonly sql: string,
-    ) {}
-    bind(...values: unknown[]) {
-      return new Statement(this.real.bind(...values), this.sql);
-    }
-    first(column?: string) {
-      calls.push({ kind: "first", sql: this.sql, statements: 1 });
-      return column === undefined ? this.real.first() : this.real.first(column);
-    }
-    run() {
-      calls.push({ kind: "run", sql: this.sql, statements: 1 });
-      return this.real.run();
-    }
-    all() {
-      calls.push({ kind: "all", sql: this.sql, statements: 1 });
-      return this.real.all();
-    }
-    raw() {
-      calls.push({ kind: "raw", sql: this.sql, statements: 1 });
-      return this.real.raw();
-    }
-  }
-  const db = {
-    prepare: (sql: string) => new Statement(real.prepare(sql), sql),
-    batch: (statements: Statement[]) => {
-      calls.push({ kind: "batch", sql: statements.map((s) => s.sql).join(";\n"), statements: statements.length });
-      return real.batch(statements.map((s) => s.real));
-    },
-  } as unknown as D1Database;
-  return { db, calls };
+  const calls: D1Call[] = [];
+  return { db: interceptedD1(real, (call) => void calls.push(call)), calls };
 }
 
 // ---------------------------------------------------------------------------------------------- stats
@@ -118,20 +81,6 @@ async function countedOrders(ids: number[], table = "stats_counted_orders"): Pro
   return rows.map((r) => r.order_id);
 }
 
-/** The structured log lines written from now until the test ends (restored after each test). */
-function captureLogLines() {
-  const lines: Record<string, unknown>[] = [];
-  const keep = (...args: unknown[]) => {
-    try {
-      lines.push(JSON.parse(String(args[0])));
-    } catch {
-      // not one of ours
-    }
-  };
-  for (const method of ["log", "warn", "error"] as const) vi.spyOn(console, method).mockImplementation(keep);
-  return { with: (msg: string) => lines.filter((line) => line.msg === msg) };
-}
-
 afterEach(() => vi.restoreAllMocks());
 
 describe("stats consumer: one D1 batch per queue batch", () => {
@@ -162,7 +111,7 @@ describe("stats consumer: one D1 batch per queue batch", () => {
     expect(await countedOrders(ids)).toEqual([...ids].sort((x, y) => x - y));
     expect(await countedOrders(ids, "stats_counted_cancellations")).toEqual([events[7]!.orderId]);
     // Each message's own mark says whether it counted: only the copy was already counted.
-    const already = logs.with("stats: order event already counted");
+    const already = linesWith(logs, "stats: order event already counted");
     expect(already.map((line) => [line.messageId, line.orderId])).toEqual([[result.ids[10], copy.orderId]]);
 
     // Delivered again, nothing changes, still in one call.
@@ -221,7 +170,7 @@ describe("stats consumer: one D1 batch per queue batch", () => {
     // The combined batch failed on the foreign key; then each message alone, and the bad one's outbox row.
     expect(d1.calls.filter((c) => c.kind === "batch")).toHaveLength(1 + bodies.length);
     expect(d1.calls.filter((c) => c.kind === "run").map((c) => c.sql)).toEqual([expect.stringContaining("UPDATE outbox SET completed_at")]);
-    expect(logs.with("stats: order names an unknown product; not counted").map((l) => l.orderId)).toEqual([badId]);
+    expect(linesWith(logs, "stats: order names an unknown product; not counted").map((l) => l.orderId)).toEqual([badId]);
 
     expect(await salesOf(date, products.map((p) => p.id))).toEqual(expectedSales(good, date));
     expect(await countedOrders(good.map((e) => e.orderId))).toHaveLength(good.length);
@@ -329,7 +278,7 @@ describe("export consumer: one read and one write batch per queue batch", () => 
     expect(result.explicitAcks.sort()).toEqual(result.ids.filter((_, i) => !isRefused[i]).sort());
     expect(result.delays).toEqual(isRefused.map((r) => (r ? backoffSeconds(3) : undefined)));
     expect(backoffSeconds(3)).toBe(40);
-    const retrying = logs.with("export delivery failed; retrying");
+    const retrying = linesWith(logs, "export delivery failed; retrying");
     expect(retrying).toHaveLength(refused.size);
     for (const line of retrying) expect(line).toMatchObject({ orderId: expect.toSatisfy((id: number) => refused.has(id)), requestId: `req-${line.orderId}` });
     expect(new Set(retrying.map((l) => l.orderId))).toEqual(refused);

@@ -9,26 +9,13 @@ import { dispatchOutbox, type OrderQueues, type OutboxRow } from "../../src/orde
 import { countBatch } from "../../src/stats/consumer";
 import { call } from "../helpers/api";
 import { inject } from "../helpers/faults";
+import { captureLogLines } from "../helpers/logs";
 
 /** Every data point the Worker writes to METRICS until `restore()`. */
 function capturePoints() {
   const points: AnalyticsEngineDataPoint[] = [];
   const restore = inject(env.METRICS, "writeDataPoint", () => (point) => void points.push(point ?? {}));
   return { points, restore };
-}
-
-/** The JSON lines written to the console (log, warn, error) until `mockRestore`. */
-function captureLogLines() {
-  const lines: Record<string, unknown>[] = [];
-  const keep = (...args: unknown[]) => {
-    try {
-      lines.push(JSON.parse(String(args[0])));
-    } catch {
-      // not one of ours
-    }
-  };
-  for (const method of ["log", "warn", "error"] as const) vi.spyOn(console, method).mockImplementation(keep);
-  return lines;
 }
 
 afterEach(() => vi.restoreAllMocks());
