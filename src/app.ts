@@ -95,13 +95,17 @@ export function createApp(options: AppOptions = {}) {
       const mapped = fromHttpException(error);
       if (mapped.code !== "INTERNAL") return problemResponse(c, mapped);
     }
-    // D1 unreachable or overloaded on a path that does not answer it itself (a read, a claim): a 503 with
-    // Retry-After, not a 500. Writes whose outcome it leaves unknown answer their own 503 and keep their claim.
+    // D1 unreachable or overloaded on a path that does not answer it itself (a read, a claim, an unkeyed
+    // write): a 503 with Retry-After, not a 500. A keyed write whose outcome is unknown answers its own 503
+    // and keeps its claim; an unkeyed one may or may not have been applied, which the detail says.
     if (isD1Unavailable(error)) {
       log("warn", "D1 unavailable", { requestId: c.get("requestId"), method: c.req.method, path: c.req.path, ...describeError(error) });
       return problemResponse(
         c,
-        new AppError("SERVICE_UNAVAILABLE", "The database cannot be reached right now; retry shortly, with the same Idempotency-Key for a write"),
+        new AppError(
+          "SERVICE_UNAVAILABLE",
+          "The database cannot be reached right now; a write may or may not have been applied: retry it with the same Idempotency-Key",
+        ),
       );
     }
     log("error", "unhandled error", {

@@ -11,13 +11,20 @@ export function isConstraintViolation(error: unknown, fragment: string): boolean
 }
 
 /**
- * True when a D1 call failed because D1 could not be reached or was overloaded (the binding's `D1_ERROR`
- * family, possibly wrapped by drizzle), as opposed to a constraint or SQL error, which is ours to handle.
+ * The messages of D1's own transient failures: the database unreachable, overloaded or reset. Every D1
+ * error starts with D1_ERROR, SQL mistakes of ours included, so the prefix alone says nothing.
+ */
+const UNAVAILABLE =
+  /Network connection lost|overloaded|exceeded its memory limit|storage operation exceeded timeout|transient issue|caused object to be reset|reset because its code was updated|D1_RESET/i;
+
+/**
+ * True when a D1 call failed because D1 could not be reached or was overloaded, as opposed to a constraint
+ * or SQL error, which is ours to handle (a 500 for a bug stays a 500). Only the innermost error is read:
+ * that is the binding's own, while a wrapper's (drizzle's) message also quotes the bound values.
  */
 export function isD1Unavailable(error: unknown): boolean {
-  for (let e: unknown = error; e instanceof Error; e = e.cause) {
-    if (e.message.includes("constraint failed")) return false;
-    if (/D1_(ERROR|RESET|EXEC)|Network connection lost|overloaded|storage operation exceeded timeout/i.test(e.message)) return true;
-  }
-  return false;
+  let innermost: unknown = error;
+  while (innermost instanceof Error && innermost.cause instanceof Error) innermost = innermost.cause;
+  if (!(innermost instanceof Error) || isConstraintViolation(innermost, "constraint failed")) return false;
+  return UNAVAILABLE.test(innermost.message);
 }

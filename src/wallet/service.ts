@@ -1,7 +1,7 @@
 import { and, desc, eq } from "drizzle-orm";
 import { isConstraintViolation } from "../db/errors";
 import { BALANCE_LIMIT, walletTransactions } from "../db/schema";
-import { AppError } from "../lib/errors";
+import { AppError, OutcomeUnknownError } from "../lib/errors";
 import { afterCursor, toPage, type Page, type PageQuery } from "../lib/pagination";
 import { getUserOrThrow } from "../users/service";
 import type { Clock } from "../lib/clock";
@@ -95,6 +95,12 @@ export async function chargeBalance(
         .bind(claim.effectRef)
         .first<{ body: string | null }>();
       if (done?.body) return done.body;
+    }
+    // Anything but a constraint may have committed, or may still (a reply lost while the batch runs): under
+    // a claim, keep it, so a retry with the same key continues this charge (same request_ref, found above)
+    // instead of starting a new life of the key and charging a second time.
+    if (claim && !isConstraintViolation(error, "constraint failed")) {
+      throw new OutcomeUnknownError("The charge may or may not have been applied; retry with the same Idempotency-Key", { cause: error });
     }
     throw error;
   }

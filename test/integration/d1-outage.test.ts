@@ -6,6 +6,7 @@ import { call, expectProblem, tokenFor } from "../helpers/api";
 import { one } from "../helpers/db";
 import { makeProduct, makeUser } from "../helpers/factories";
 import { d1Down, inject } from "../helpers/faults";
+import { IDEMPOTENCY_LOCK_MS } from "../../src/lib/idempotency";
 
 // D1 unreachable: every answer is a 503 problem with Retry-After (never a 500), and a write whose reply was
 // lost is applied once however the client retries.
@@ -78,5 +79,58 @@ describe("D1 unreachable", () => {
     expect(retry.headers.get("idempotent-replayed")).toBe("true");
     expect(retry.body).toMatchObject({ userId: user.id, balance: 700, transaction: { type: "CHARGE", amount: 700 } });
     expect(await ledger(user.id)).toEqual({ n: 1, balance: 700 });
+  });
+
+  it("a keyed charge whose reply is lost while its batch still runs is applied once: the late commit stores the reply", async () => {
+    const user = await makeUser();
+    const token = await tokenFor(user.id);
+    const charge = () => call("POST", "/api/balance/charge", { token, body: { amount: 300 }, headers: { "Idempotency-Key": "late-commit" } });
+    // The batch reaches D1 only after the Worker heard "connection lost" and answered: the test runs it then.
+    let lost: { run: () => Promise<unknown> } | null = null;
+    const restore = inject(env.DB, "batch", (original) => async (statements) => {
+      lost = { run: () => original(statements) };
+      throw d1Down();
+    });
+    let first;
+    try {
+      first = await charge();
+    } finally {
+      restore();
+    }
+    expectUnavailable(first);
+    expect(lost).not.toBeNull();
+    await lost!.run();
+    // The claim was kept, so the late batch completed it: the retry replays that charge.
+    const retry = await charge();
+    expect(retry.status).toBe(200);
+    expect(retry.headers.get("idempotent-replayed")).toBe("true");
+    expect(await ledger(user.id)).toEqual({ n: 1, balance: 300 });
+  });
+
+  it("a keyed charge whose batch failed without committing keeps its claim: 409 within the lock, charged once after it", async () => {
+    const user = await makeUser();
+    const token = await tokenFor(user.id);
+    const clock = fixedClock("2026-12-01T11:00:00.000Z");
+    const app = createApp({ clock });
+    const charge = () =>
+      call("POST", "/api/balance/charge", { app, token, body: { amount: 400 }, headers: { "Idempotency-Key": "never-committed" } });
+    const restore = inject(env.DB, "batch", () => async () => {
+      throw d1Down();
+    });
+    let first;
+    try {
+      first = await charge();
+    } finally {
+      restore();
+    }
+    expectUnavailable(first);
+    expect(await ledger(user.id)).toEqual({ n: 0, balance: 0 });
+    expectProblem(await charge(), 409, "IDEMPOTENCY_IN_PROGRESS");
+    clock.advance(IDEMPOTENCY_LOCK_MS + 1_000);
+    const retry = await charge();
+    expect(retry.status).toBe(200);
+    expect(await ledger(user.id)).toEqual({ n: 1, balance: 400 });
+    expect((await charge()).headers.get("idempotent-replayed")).toBe("true");
+    expect(await ledger(user.id)).toEqual({ n: 1, balance: 400 });
   });
 });
