@@ -51,8 +51,8 @@ function base64UrlBytes(part: string): Uint8Array<ArrayBuffer> {
 const base64UrlJson = (part: string): unknown => JSON.parse(new TextDecoder().decode(base64UrlBytes(part)));
 
 /**
- * Header segments already checked: every token this API signs carries the same one, so it is parsed once
- * per isolate. Only headers that passed go in, and there are at most a few.
+ * Header segments already checked and signed with our key: every token this API signs carries the same
+ * one, so it is parsed once per isolate. At most a few are kept.
  */
 const goodHeaders = new Set<string>();
 const MAX_GOOD_HEADERS = 8;
@@ -67,7 +67,6 @@ function checkHeader(part: string): void {
     throw new Error("typ is not JWT");
   }
   if ("crit" in header) throw new Error("crit is not supported");
-  if (goodHeaders.size < MAX_GOOD_HEADERS) goodHeaders.add(part);
 }
 
 /**
@@ -85,6 +84,8 @@ export async function verifyHs256(token: string, key: CryptoKey, nowSeconds: num
   checkHeader(token.slice(0, first));
   const signed = await crypto.subtle.verify("HMAC", key, base64UrlBytes(token.slice(second + 1)), utf8.encode(token.slice(0, second)));
   if (!signed) throw new Error("signature mismatch");
+  // Only a header that came with our signature is remembered: unsigned tokens cannot fill the slots.
+  if (goodHeaders.size < MAX_GOOD_HEADERS) goodHeaders.add(token.slice(0, first));
   const payload = base64UrlJson(token.slice(first + 1, second)) as Record<string, unknown> | null;
   if (typeof payload !== "object" || payload === null || Array.isArray(payload)) throw new Error("payload is not an object");
   const { exp, nbf, iat } = payload;
