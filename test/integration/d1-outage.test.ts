@@ -17,6 +17,15 @@ const ledger = (userId: number) =>
     userId,
   );
 
+/** Sends `request` while the fault `restore` undoes is injected; undoes it whatever happens. */
+async function underFault<T>(restore: () => void, request: () => Promise<T>): Promise<T> {
+  try {
+    return await request();
+  } finally {
+    restore();
+  }
+}
+
 function expectUnavailable(res: { status: number; headers: Headers; body: any; text: string }) {
   expectProblem(res, 503, "SERVICE_UNAVAILABLE");
   expect(res.headers.get("retry-after")).toBe("1");
@@ -61,16 +70,13 @@ describe("D1 unreachable", () => {
     const charge = () =>
       call("POST", "/api/balance/charge", { app, token, body: { amount: 700 }, headers: { "Idempotency-Key": "lost-reply" } });
     // The charge's batch commits, then its reply is lost.
-    const restore = inject(env.DB, "batch", (original) => async (statements) => {
-      await original(statements);
-      throw d1Down();
-    });
-    let first;
-    try {
-      first = await charge();
-    } finally {
-      restore();
-    }
+    const first = await underFault(
+      inject(env.DB, "batch", (original) => async (statements) => {
+        await original(statements);
+        throw d1Down();
+      }),
+      charge,
+    );
     expectUnavailable(first);
     expect(await ledger(user.id)).toEqual({ n: 1, balance: 700 });
     // The response was stored in the charge's own batch: the retry replays it, and charges nothing more.
@@ -87,16 +93,13 @@ describe("D1 unreachable", () => {
     const charge = () => call("POST", "/api/balance/charge", { token, body: { amount: 300 }, headers: { "Idempotency-Key": "late-commit" } });
     // The batch reaches D1 only after the Worker heard "connection lost" and answered: the test runs it then.
     let lost: { run: () => Promise<unknown> } | null = null;
-    const restore = inject(env.DB, "batch", (original) => async (statements) => {
-      lost = { run: () => original(statements) };
-      throw d1Down();
-    });
-    let first;
-    try {
-      first = await charge();
-    } finally {
-      restore();
-    }
+    const first = await underFault(
+      inject(env.DB, "batch", (original) => async (statements) => {
+        lost = { run: () => original(statements) };
+        throw d1Down();
+      }),
+      charge,
+    );
     expectUnavailable(first);
     expect(lost).not.toBeNull();
     await lost!.run();
@@ -114,15 +117,12 @@ describe("D1 unreachable", () => {
     const app = createApp({ clock });
     const charge = () =>
       call("POST", "/api/balance/charge", { app, token, body: { amount: 400 }, headers: { "Idempotency-Key": "never-committed" } });
-    const restore = inject(env.DB, "batch", () => async () => {
-      throw d1Down();
-    });
-    let first;
-    try {
-      first = await charge();
-    } finally {
-      restore();
-    }
+    const first = await underFault(
+      inject(env.DB, "batch", () => async () => {
+        throw d1Down();
+      }),
+      charge,
+    );
     expectUnavailable(first);
     expect(await ledger(user.id)).toEqual({ n: 0, balance: 0 });
     expectProblem(await charge(), 409, "IDEMPOTENCY_IN_PROGRESS");
