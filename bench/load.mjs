@@ -38,7 +38,22 @@ const round = (n, digits = 1) => Math.round(n * 10 ** digits) / 10 ** digits;
  * `expected` lists the outcomes that are part of the contract ("200", "400 COUPON_SOLD_OUT"); anything else,
  * 5xx and socket errors count as errors.
  */
+/**
+ * Called around every load phase (after the scenario's seeding, before its checks): `bench/profile.mjs`
+ * starts and stops the Worker's profiler here. Nothing is set during a normal bench run.
+ */
+export const loadHooks = { before: null, after: null };
+
 export async function runLoad({ baseUrl, concurrency, amount, duration, nextJob, expected }) {
+  await loadHooks.before?.();
+  try {
+    return await load({ baseUrl, concurrency, amount, duration, nextJob, expected });
+  } finally {
+    await loadHooks.after?.();
+  }
+}
+
+async function load({ baseUrl, concurrency, amount, duration, nextJob, expected }) {
   const latencies = [];
   const latenciesByOutcome = {};
   // autocannon calls a request's onResponse and then, synchronously for the same answer, emits "response"

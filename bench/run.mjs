@@ -16,6 +16,7 @@ import { createApi, createUserPool } from "./seed.mjs";
 import { queryD1, removeState, startBenchServer, signalRunningServers } from "./server.mjs";
 import { couponStorm, orderStorm, orderStormKeyed } from "./storms.mjs";
 import { couponStormSharded } from "./coupon-storm-sharded.mjs";
+import { SIZES } from "./sizes.mjs";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const RESULTS_FILE = join(ROOT, "bench", "results", "latest.json");
@@ -23,34 +24,6 @@ const SCENARIOS = [floor, catalogList, catalogDetail, chargeStorm, couponStorm, 
 const FLOORS = ["floor", "floor-end"];
 const CONCURRENCY = 100;
 
-const SIZES = {
-  default: {
-    readSeconds: 8,
-    chargeRequests: 1_000,
-    couponUsers: 5_000,
-    couponQuantity: 1_000,
-    buyers: 3_000,
-    stock: 1_000,
-    cancels: 1_000,
-    cancelStormOrders: 1_000,
-    cancelLeftover: 50,
-    mixedUsers: 500,
-    mixedRequests: 2_000,
-  },
-  quick: {
-    readSeconds: 2,
-    chargeRequests: 300,
-    couponUsers: 500,
-    couponQuantity: 100,
-    buyers: 300,
-    stock: 100,
-    cancels: 100,
-    cancelStormOrders: 100,
-    cancelLeftover: 5,
-    mixedUsers: 100,
-    mixedRequests: 300,
-  },
-};
 
 function parseArgs(argv) {
   const options = { quick: false, scenarios: null, port: 8799, keepState: false };

@@ -1,0 +1,165 @@
+// npm run bench:profile -- --scenario NAME [--top N]
+// Where a scenario's CPU goes: starts the bench's server, seeds and runs one scenario as the bench does, and
+// during its load phase only (not the seeding) samples the Worker's isolate with V8's profiler, through wrangler
+// dev's inspector (its Profiler domain over the WebSocket; the inspector wants the devtools Origin header). It
+// also reads the CPU time every process used meanwhile (workerd runs the Worker, its objects and Miniflare's
+// simulators; a second workerd is wrangler's proxy). Prints the functions with the most self time, the heaviest
+// call paths, and those CPU times. The Worker isolate's profile does not include the simulators' own isolates.
+import { readdirSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { couponStormSharded } from "./coupon-storm-sharded.mjs";
+import { cancelStorm } from "./cancel-storm.mjs";
+import { loadHooks } from "./load.mjs";
+import { mixed } from "./mixed.mjs";
+import { catalogDetail, catalogList, chargeStorm, floor } from "./reads.mjs";
+import { createApi, createUserPool } from "./seed.mjs";
+import { removeState, startBenchServer } from "./server.mjs";
+import { couponStorm, orderStorm, orderStormKeyed } from "./storms.mjs";
+import { ensureDevVars, readDevVars, tokenFor } from "../scripts/local.mjs";
+import { SIZES } from "./sizes.mjs";
+
+const SCENARIOS = [floor, catalogList, catalogDetail, chargeStorm, couponStorm, couponStormSharded, orderStorm, orderStormKeyed, cancelStorm, mixed];
+const INSPECTOR = "http://127.0.0.1:9229/json";
+
+function parseArgs(argv) {
+  const options = { scenario: null, top: 30 };
+  for (let i = 0; i < argv.length; i++) {
+    if (argv[i] === "--scenario") options.scenario = argv[++i];
+    else if (argv[i] === "--top") options.top = Number(argv[++i]);
+    else fail(`unknown argument ${argv[i]}`);
+  }
+  const scenario = SCENARIOS.find((s) => s.name === options.scenario);
+  if (!scenario) fail(`usage: npm run bench:profile -- --scenario ${SCENARIOS.map((s) => s.name).join("|")} [--top N]`);
+  return { scenario, top: options.top };
+}
+
+function fail(message) {
+  console.error(message);
+  process.exit(2);
+}
+
+/** CPU seconds (user + system) of every process, by pid and command line. */
+function processCpu() {
+  const cpu = new Map();
+  for (const pid of readdirSync("/proc").filter((p) => /^\d+$/.test(p))) {
+    try {
+      const command = readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " ").trim();
+      const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
+      cpu.set(`${pid} ${command}`, (Number(fields[11]) + Number(fields[12])) / 100);
+    } catch {
+      // the process ended meanwhile
+    }
+  }
+  return cpu;
+}
+
+async function connectProfiler() {
+  const targets = await (await fetch(INSPECTOR)).json();
+  const socket = new WebSocket(targets[0].webSocketDebuggerUrl, { headers: { Origin: "https://devtools.devprod.cloudflare.dev" } });
+  let id = 0;
+  const pending = new Map();
+  socket.onmessage = (event) => {
+    const message = JSON.parse(event.data);
+    pending.get(message.id)?.(message.result);
+    pending.delete(message.id);
+  };
+  await new Promise((resolve, reject) => {
+    socket.onopen = resolve;
+    socket.onerror = () => reject(new Error(`could not open the inspector at ${INSPECTOR}`));
+  });
+  const send = (method, params = {}) =>
+    new Promise((resolve) => {
+      pending.set(++id, resolve);
+      socket.send(JSON.stringify({ id, method, params }));
+    });
+  return { send, close: () => socket.close() };
+}
+
+const frameName = (frame) => `${frame.functionName || "(anonymous)"} ${frame.url.split("/").at(-1) || ""}:${frame.lineNumber + 1}`;
+
+function report(profile, top) {
+  const nodes = new Map(profile.nodes.map((n) => [n.id, n]));
+  const hits = new Map();
+  for (const sample of profile.samples) hits.set(sample, (hits.get(sample) ?? 0) + 1);
+  const total = profile.samples.length;
+  const pct = (n) => `${((100 * n) / total).toFixed(1).padStart(5)}%`;
+
+  const self = new Map();
+  for (const [id, n] of hits) {
+    const name = frameName(nodes.get(id).callFrame);
+    self.set(name, (self.get(name) ?? 0) + n);
+  }
+  console.log(`\nSelf time, top ${top} (${total} samples):`);
+  for (const [name, n] of [...self].sort((a, b) => b[1] - a[1]).slice(0, top)) console.log(`${pct(n)}  ${name}`);
+
+  const subtree = new Map();
+  const sizeOf = (id) => {
+    if (!subtree.has(id)) subtree.set(id, (hits.get(id) ?? 0) + (nodes.get(id).children ?? []).reduce((sum, child) => sum + sizeOf(child), 0));
+    return subtree.get(id);
+  };
+  console.log("\nCall paths of at least 1% (each line: the share of samples under it):");
+  const walk = (id, depth) => {
+    const share = sizeOf(id);
+    if (share / total < 0.01 || depth > 16) return;
+    const frame = nodes.get(id).callFrame;
+    if (depth > 0) console.log(`${pct(share)}  ${"  ".repeat(depth - 1)}${frameName(frame)}`);
+    for (const child of nodes.get(id).children ?? []) walk(child, depth + 1);
+  };
+  walk(profile.nodes[0].id, 0);
+}
+
+async function main() {
+  const { scenario, top } = parseArgs(process.argv.slice(2));
+  ensureDevVars();
+  const { JWT_SECRET: secret } = readDevVars();
+  const stateDir = join(".wrangler", `profile-${Date.now()}`);
+  const server = await startBenchServer({ port: 8799, stateDir });
+  let profiler = null;
+  let cpuBefore = null;
+  let loadStarted = 0;
+  let loads = 0;
+  loadHooks.before = async () => {
+    if (loads++ > 0) return; // the scenario's first load phase only
+    profiler = await connectProfiler();
+    await profiler.send("Profiler.enable");
+    await profiler.send("Profiler.setSamplingInterval", { interval: 500 });
+    await profiler.send("Profiler.start");
+    cpuBefore = processCpu();
+    loadStarted = performance.now();
+  };
+  let profile = null;
+  let cpuAfter = null;
+  let loadSeconds = 0;
+  loadHooks.after = async () => {
+    if (!profiler || profile) return;
+    loadSeconds = (performance.now() - loadStarted) / 1000;
+    cpuAfter = processCpu();
+    profile = (await profiler.send("Profiler.stop")).profile;
+    profiler.close();
+  };
+  try {
+    const api = await createApi(server.baseUrl, secret);
+    const ctx = {
+      baseUrl: server.baseUrl,
+      api,
+      pool: createUserPool(api, secret),
+      sizes: SIZES.default,
+      concurrency: 100,
+      tokenFor: (id) => tokenFor(secret, id),
+      logCount: server.logCount,
+    };
+    const { load } = await scenario.run(ctx);
+    console.log(`${scenario.name}: ${load.requests} requests in ${load.durationS} s (${load.rps} req/s, p99 ${load.p99} ms)`);
+    console.log(`\nCPU used during the ${loadSeconds.toFixed(1)} s load phase, by process:`);
+    for (const [name, after] of cpuAfter) {
+      const used = after - (cpuBefore.get(name) ?? 0);
+      if (used >= 0.1) console.log(`${used.toFixed(2).padStart(7)} s  ${name.slice(0, 110)}`);
+    }
+    report(profile, top);
+  } finally {
+    await server.stop();
+    removeState(stateDir);
+  }
+}
+
+await main();
