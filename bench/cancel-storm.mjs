@@ -1,7 +1,7 @@
 // The cancel storm: completed orders are cancelled by their own users while other funded buyers race for
 // the same product, whose stock is what was left plus what the cancellations give back. The product has a
 // purchase limit per user, and some buyers try to order more than it.
-import { oneEach, runLoad } from "./load.mjs";
+import { oneEach, runLoad, seededRandom } from "./load.mjs";
 import { balancesCheck, d1Check, invariant, ledgerCheck } from "./invariants.mjs";
 import { mapLimit } from "./seed.mjs";
 
@@ -27,16 +27,6 @@ const ORDER_ANSWERS = ["200", "400 OUT_OF_STOCK", "400 PURCHASE_LIMIT_EXCEEDED"]
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-// Deterministic, so two runs send the same interleaving.
-function mulberry32(seed) {
-  let a = seed;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function shuffle(items, random) {
   for (let i = items.length - 1; i > 0; i--) {
@@ -194,7 +184,7 @@ export const cancelStorm = {
         ]);
       }
     });
-    const jobs = shuffle(units, mulberry32(20261125)).flat();
+    const jobs = shuffle(units, seededRandom(20261125)).flat();
     const duplicates = jobs.length - cancelCount - orderRequests;
     let overflow = 0;
     const resyncsBefore = ctx.logCount(/stock object re-synced/g);

@@ -1,8 +1,8 @@
 // The coupon storm over a sharded coupon (docs/sharded-coupons.md): the same users and pieces as
 // coupon-storm, one coupon of 16 gate objects. Exact as the single gate, plus how the requests spread
 // over the shards and how many quota transfers it took.
-import { oneEach, runLoad } from "./load.mjs";
-import { couponCheck, invariant } from "./invariants.mjs";
+import { invariant } from "./invariants.mjs";
+import { issueStorm } from "./storms.mjs";
 
 const SHARDS = 16;
 
@@ -37,26 +37,7 @@ export const couponStormSharded = {
       validDays: 7,
       shards: SHARDS,
     });
-    const winners = [];
-    let overflow = 0;
-    const jobs = users.map((user) => ({
-      method: "POST",
-      path: `/api/coupons/${coupon.id}/issue`,
-      token: user.token,
-      body: {},
-      onAnswer: (status) => {
-        if (status === 200) winners.push(user.id);
-      },
-    }));
-    const load = await runLoad({
-      baseUrl: ctx.baseUrl,
-      concurrency: ctx.concurrency,
-      amount: jobs.length,
-      nextJob: oneEach(jobs, () => overflow++),
-      expected: ["200", "400 COUPON_SOLD_OUT"],
-    });
-
-    const after = await ctx.api.getCoupon(coupon.id);
+    const { load, winners, invariants, d1Checks } = await issueStorm(ctx, coupon, users, couponQuantity);
     const figures = await shardFigures(ctx.api, coupon.id);
     const sum = (values) => values.reduce((n, v) => n + (v ?? 0), 0);
     const reached = sum(figures.requests);
@@ -64,7 +45,6 @@ export const couponStormSharded = {
     const issuedInObjects = sum(figures.issued);
     const transfers = sum(figures.transfersGiven);
     const share = figures.requests.map((r, shard) => `${shard}:${((100 * (r ?? 0)) / Math.max(1, reached)).toFixed(1)}%`).join(" ");
-    const got = Object.entries(load.outcomes).map(([k, v]) => `${v} × ${k}`).join(", ");
     console.log(`    shards: ${SHARDS}; requests that reached a gate: ${reached} of ${load.requests}; quota transfers: ${transfers}`);
     console.log(`    share of requests per shard: ${share}`);
     return {
@@ -83,20 +63,7 @@ export const couponStormSharded = {
         issuedPerShard: figures.issued,
       },
       invariants: [
-        invariant("each user sent exactly once", overflow === 0, `${overflow} extra requests`),
-        invariant(
-          `answers: ${couponQuantity} × 200, ${couponUsers - couponQuantity} × 400 COUPON_SOLD_OUT`,
-          load.requests === couponUsers &&
-            (load.outcomes["200"] ?? 0) === couponQuantity &&
-            (load.outcomes["400 COUPON_SOLD_OUT"] ?? 0) === couponUsers - couponQuantity &&
-            load.errors === 0,
-          got + (load.errors ? `; ${load.errors} errors` : ""),
-        ),
-        invariant(
-          `exactly ${couponQuantity} issued (API issuedCount)`,
-          after.issuedCount === couponQuantity,
-          `issuedCount ${after.issuedCount} of ${after.totalQuantity}`,
-        ),
+        ...invariants,
         invariant(
           "the audit asked every shard and their counts agree with D1's",
           figures.gate === "agrees" && figures.issued.every((n) => n !== null),
@@ -111,7 +78,7 @@ export const couponStormSharded = {
           `quota ${quota}, issued in objects ${issuedInObjects}, open intents ${sum(figures.openIntents)}, pending ${sum(figures.pending)}`,
         ),
       ],
-      d1Checks: [couponCheck(coupon.id, { issued: couponQuantity, winners })],
+      d1Checks,
     };
   },
 };

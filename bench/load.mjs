@@ -29,6 +29,17 @@ function percentile(sorted, p) {
   return sorted[rank];
 }
 
+/** A seeded random number generator (mulberry32): deterministic, so two runs send the same requests in the same order. */
+export function seededRandom(seed) {
+  let a = seed;
+  return () => {
+    a = (a + 0x6d2b79f5) | 0;
+    let t = Math.imul(a ^ (a >>> 15), 1 | a);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
 const round = (n, digits = 1) => Math.round(n * 10 ** digits) / 10 ** digits;
 
 /**

@@ -1,7 +1,8 @@
 // A realistic blend from many users: mostly browsing, some charging, coupon issuing and ordering.
-import { runLoad } from "./load.mjs";
+import { runLoad, seededRandom } from "./load.mjs";
 import { balancesCheck, couponCheck, invariant, ledgerCheck, paymentsCheck, stockCheck } from "./invariants.mjs";
 import { catalogProducts } from "./reads.mjs";
+import { issueJob } from "./storms.mjs";
 
 const BLEND = [
   ["list", 0.3],
@@ -15,16 +16,6 @@ const CHARGE_AMOUNT = 1_000;
 const PRODUCTS = 5;
 const PRODUCT_STOCK = 100_000;
 
-// Deterministic, so two runs send the same blend in the same order.
-function mulberry32(seed) {
-  let a = seed;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function pickKind(r) {
   let acc = 0;
@@ -52,7 +43,7 @@ export const mixed = {
     const balances = new Map(funded);
     const winners = [];
     const sold = new Map(products.map((p) => [p.id, { quantity: 0, orderIds: [] }]));
-    const random = mulberry32(20261124);
+    const random = seededRandom(20261124);
     const pick = (list) => list[Math.floor(random() * list.length)];
 
     const jobFor = (kind) => {
@@ -73,15 +64,7 @@ export const mixed = {
             },
           };
         case "issue":
-          return {
-            method: "POST",
-            path: `/api/coupons/${coupon.id}/issue`,
-            token: user.token,
-            body: {},
-            onAnswer: (status) => {
-              if (status === 200) winners.push(user.id);
-            },
-          };
+          return issueJob(coupon.id, user, winners);
         default: {
           const product = pick(products);
           const quantity = 1 + Math.floor(random() * 3);

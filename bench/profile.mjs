@@ -12,10 +12,10 @@ import { cancelStorm } from "./cancel-storm.mjs";
 import { loadHooks } from "./load.mjs";
 import { mixed } from "./mixed.mjs";
 import { catalogDetail, catalogList, chargeStorm, floor } from "./reads.mjs";
-import { createApi, createUserPool } from "./seed.mjs";
+import { scenarioContext } from "./seed.mjs";
 import { removeState, startBenchServer } from "./server.mjs";
 import { couponStorm, orderStorm, orderStormKeyed } from "./storms.mjs";
-import { ensureDevVars, readDevVars, tokenFor } from "../scripts/local.mjs";
+import { ensureDevVars, readDevVars } from "../scripts/local.mjs";
 import { SIZES } from "./sizes.mjs";
 
 const SCENARIOS = [floor, catalogList, catalogDetail, chargeStorm, couponStorm, couponStormSharded, orderStorm, orderStormKeyed, cancelStorm, mixed];
@@ -138,16 +138,7 @@ async function main() {
     profiler.close();
   };
   try {
-    const api = await createApi(server.baseUrl, secret);
-    const ctx = {
-      baseUrl: server.baseUrl,
-      api,
-      pool: createUserPool(api, secret),
-      sizes: SIZES.default,
-      concurrency: 100,
-      tokenFor: (id) => tokenFor(secret, id),
-      logCount: server.logCount,
-    };
+    const ctx = await scenarioContext(server, secret, SIZES.default);
     const { load } = await scenario.run(ctx);
     console.log(`${scenario.name}: ${load.requests} requests in ${load.durationS} s (${load.rps} req/s, p99 ${load.p99} ms)`);
     console.log(`\nCPU used during the ${loadSeconds.toFixed(1)} s load phase, by process:`);

@@ -12,7 +12,7 @@ import { invariant, runD1Checks } from "./invariants.mjs";
 import { mixed } from "./mixed.mjs";
 import { catalogDetail, catalogList, chargeStorm, floor, floorEnd } from "./reads.mjs";
 import { evaluateTargets, floorOf, machineInfo, printResults, withRatios, writeResults } from "./report.mjs";
-import { createApi, createUserPool } from "./seed.mjs";
+import { CONCURRENCY, scenarioContext } from "./seed.mjs";
 import { queryD1, removeState, startBenchServer, signalRunningServers } from "./server.mjs";
 import { couponStorm, orderStorm, orderStormKeyed } from "./storms.mjs";
 import { couponStormSharded } from "./coupon-storm-sharded.mjs";
@@ -22,7 +22,6 @@ const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const RESULTS_FILE = join(ROOT, "bench", "results", "latest.json");
 const SCENARIOS = [floor, catalogList, catalogDetail, chargeStorm, couponStorm, couponStormSharded, orderStorm, orderStormKeyed, cancelStorm, mixed, floorEnd];
 const FLOORS = ["floor", "floor-end"];
-const CONCURRENCY = 100;
 
 
 function parseArgs(argv) {
@@ -132,16 +131,7 @@ async function main() {
   let completed = false;
   let workerReloads = 0;
   try {
-    const api = await createApi(server.baseUrl, secret);
-    const ctx = {
-      baseUrl: server.baseUrl,
-      api,
-      pool: createUserPool(api, secret),
-      sizes,
-      concurrency: CONCURRENCY,
-      tokenFor: (id) => tokenFor(secret, id),
-      logCount: server.logCount,
-    };
+    const ctx = await scenarioContext(server, secret, sizes);
     await warmUp(server.baseUrl);
 
     for (const scenario of selected) {
@@ -158,7 +148,7 @@ async function main() {
         if (reloads) console.log(`  WARNING: the Worker was reloaded ${reloads} time(s) during ${scenario.name} (a source file changed)`);
         results.push({ name: scenario.name, describe: scenario.describe, ...load, facts: facts ?? {}, invariants, workerReloads: reloads });
         d1Checks.push(...checks.map((check) => ({ scenario: scenario.name, check })));
-        if (scenario.write) await quiesce(api);
+        if (scenario.write) await quiesce(ctx.api);
       } catch (error) {
         // One broken scenario is reported as a failed invariant; the others still run.
         console.log(`  ${scenario.name.padEnd(15)} FAILED: ${error.message}`);

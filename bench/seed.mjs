@@ -115,3 +115,20 @@ export function createUserPool(api, secret) {
     },
   };
 }
+
+/** Every scenario runs 100 requests in flight. */
+export const CONCURRENCY = 100;
+
+/** What a scenario's run() gets: the server's address, an admin client, the pool of users, the sizes. */
+export async function scenarioContext(server, secret, sizes) {
+  const api = await createApi(server.baseUrl, secret);
+  return {
+    baseUrl: server.baseUrl,
+    api,
+    pool: createUserPool(api, secret),
+    sizes,
+    concurrency: CONCURRENCY,
+    tokenFor: (id) => tokenFor(secret, id),
+    logCount: server.logCount,
+  };
+}

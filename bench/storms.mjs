@@ -16,6 +16,51 @@ function answersInvariant(load, expectedOutcomes, total) {
   return invariant(`answers: ${want}`, pass, got + (load.errors ? `; ${load.errors} errors` : ""));
 }
 
+/** One issue request for `user`; a 200 adds the user to `winners`. */
+export const issueJob = (couponId, user, winners) => ({
+  method: "POST",
+  path: `/api/coupons/${couponId}/issue`,
+  token: user.token,
+  body: {},
+  onAnswer: (status) => {
+    if (status === 200) winners.push(user.id);
+  },
+});
+
+/**
+ * Every user asks once for `coupon`, which has `quantity` pieces: the load, the winners, and what both coupon
+ * storms check (each user sent once, the answers, issuedCount, and in D1 the holders).
+ */
+export async function issueStorm(ctx, coupon, users, quantity) {
+  const winners = [];
+  let overflow = 0;
+  const load = await runLoad({
+    baseUrl: ctx.baseUrl,
+    concurrency: ctx.concurrency,
+    amount: users.length,
+    nextJob: oneEach(
+      users.map((user) => issueJob(coupon.id, user, winners)),
+      () => overflow++,
+    ),
+    expected: ["200", "400 COUPON_SOLD_OUT"],
+  });
+  const after = await ctx.api.getCoupon(coupon.id);
+  return {
+    load,
+    winners,
+    invariants: [
+      invariant("each user sent exactly once", overflow === 0, `${overflow} extra requests`),
+      answersInvariant(load, { 200: quantity, "400 COUPON_SOLD_OUT": users.length - quantity }, users.length),
+      invariant(
+        `exactly ${quantity} issued (API issuedCount)`,
+        after.issuedCount === quantity,
+        `issuedCount ${after.issuedCount} of ${after.totalQuantity}`,
+      ),
+    ],
+    d1Checks: [couponCheck(coupon.id, { issued: quantity, winners })],
+  };
+}
+
 export const couponStorm = {
   name: "coupon-storm",
   describe: "POST /api/coupons/{id}/issue, one per user",
@@ -24,43 +69,12 @@ export const couponStorm = {
     const { couponUsers, couponQuantity } = ctx.sizes;
     const users = await ctx.pool.take(couponUsers);
     const coupon = await ctx.api.createCoupon(`bench storm coupon x${couponQuantity}`, couponQuantity);
-    const winners = [];
-    let overflow = 0;
-    const jobs = users.map((user) => ({
-      method: "POST",
-      path: `/api/coupons/${coupon.id}/issue`,
-      token: user.token,
-      body: {},
-      onAnswer: (status) => {
-        if (status === 200) winners.push(user.id);
-      },
-    }));
-    const load = await runLoad({
-      baseUrl: ctx.baseUrl,
-      concurrency: ctx.concurrency,
-      amount: jobs.length,
-      nextJob: oneEach(jobs, () => overflow++),
-      expected: ["200", "400 COUPON_SOLD_OUT"],
-    });
-
-    const after = await ctx.api.getCoupon(coupon.id);
+    const { load, winners, invariants, d1Checks } = await issueStorm(ctx, coupon, users, couponQuantity);
     return {
       load,
       facts: { couponId: coupon.id, users: couponUsers, quantity: couponQuantity, issued: winners.length },
-      invariants: [
-        invariant("each user sent exactly once", overflow === 0, `${overflow} extra requests`),
-        answersInvariant(
-          load,
-          { 200: couponQuantity, "400 COUPON_SOLD_OUT": couponUsers - couponQuantity },
-          couponUsers,
-        ),
-        invariant(
-          `exactly ${couponQuantity} issued (API issuedCount)`,
-          after.issuedCount === couponQuantity,
-          `issuedCount ${after.issuedCount} of ${after.totalQuantity}`,
-        ),
-      ],
-      d1Checks: [couponCheck(coupon.id, { issued: couponQuantity, winners })],
+      invariants,
+      d1Checks,
     };
   },
 };

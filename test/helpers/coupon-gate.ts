@@ -2,6 +2,7 @@
 // storage, and how many rows the gate's D1 batches read.
 import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
+import { expect } from "vitest";
 import { STORAGE_VERSION } from "../../src/coupons/coupon-gate";
 import type { CouponTerms } from "../../src/coupons/issue-ledger";
 import { gateName, initialQuota, shardOf } from "../../src/coupons/shards";
@@ -40,6 +41,26 @@ export async function ledger(couponId: number) {
     holders,
     distinct: new Set(holders).size,
   };
+}
+
+/**
+ * A storm of every user once, the first `repeats` of them again and users that do not exist, in random order:
+ * checks what holds whatever the interleaving (answers, issued_count == rows, nobody twice) and returns D1's
+ * ledger after it.
+ */
+export async function mixedIssueStorm(couponId: number, users: number[], repeats: number, missing: number[]) {
+  const requests = [...users, ...users.slice(0, repeats), ...missing].sort(() => Math.random() - 0.5);
+  const responses = await issueAll(couponId, requests);
+  responses.forEach((r, i) => {
+    // The object learns that a user is missing only from D1, so after the last piece it says sold out.
+    if (missing.includes(requests[i]!)) expect(["USER_NOT_FOUND", "COUPON_SOLD_OUT"]).toContain(r.body.code);
+    else expect([200, 400]).toContain(r.status);
+  });
+  const d1 = await ledger(couponId);
+  expect(d1.issuedCount).toBe(d1.rows.length);
+  expect(d1.rows.length).toBe(codes(responses).OK);
+  expect(d1.distinct).toBe(d1.rows.length);
+  return d1;
 }
 
 /** The gate's own storage: its count, how many holders, and the admissions still pending. */
