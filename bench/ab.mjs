@@ -38,7 +38,13 @@ function git(...args) {
 
 /** One bench run in `dir`; the scenarios' req/s, ratio to the floor and p99, from that run's results file. */
 function benchOnce(dir, scenarios) {
-  const run = spawnSync(process.execPath, ["bench/run.mjs", "--scenario", scenarios], { cwd: dir, encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] });
+  const run = spawnSync(process.execPath, ["bench/run.mjs", "--scenario", scenarios], {
+    cwd: dir,
+    encoding: "utf8",
+    stdio: ["ignore", "pipe", "inherit"],
+    // Both sides alike: wrangler dev's local traces off (an older bench left them on), unless asked.
+    env: { ...process.env, X_LOCAL_OBSERVABILITY: process.env.X_LOCAL_OBSERVABILITY ?? "false" },
+  });
   if (run.status === 2) fail(`the bench broke in ${dir}:\n${run.stdout.slice(-2000)}`);
   const results = JSON.parse(readFileSync(join(dir, "bench", "results", "latest.json"), "utf8"));
   return results.scenarios

@@ -1,19 +1,19 @@
-// npm run bench:profile -- --scenario NAME [--top N]
+// npm run bench:profile -- --scenario NAME [--top N] [--perf | --strace]
 // Where a scenario's CPU goes: starts the bench's server, seeds and runs one scenario as the bench does, and
 // during its load phase only (not the seeding) samples the Worker's isolate with V8's profiler, through wrangler
 // dev's inspector (its Profiler domain over the WebSocket; the inspector wants the devtools Origin header). It
 // also reads the CPU time every process used meanwhile (workerd runs the Worker, its objects and Miniflare's
 // simulators; a second workerd is wrangler's proxy). Prints the functions with the most self time, the heaviest
 // call paths, and those CPU times. The Worker isolate's profile does not include the simulators' own isolates.
+import { execFileSync, spawn } from "node:child_process";
 import { readdirSync, readFileSync } from "node:fs";
-import { join } from "node:path";
 import { couponStormSharded } from "./coupon-storm-sharded.mjs";
 import { cancelStorm } from "./cancel-storm.mjs";
 import { loadHooks } from "./load.mjs";
 import { mixed } from "./mixed.mjs";
 import { catalogDetail, catalogList, chargeStorm, floor } from "./reads.mjs";
 import { scenarioContext } from "./seed.mjs";
-import { removeState, startBenchServer } from "./server.mjs";
+import { benchStateDir, removeState, startBenchServer } from "./server.mjs";
 import { couponStorm, orderStorm, orderStormKeyed } from "./storms.mjs";
 import { ensureDevVars, readDevVars } from "../scripts/local.mjs";
 import { SIZES } from "./sizes.mjs";
@@ -22,15 +22,17 @@ const SCENARIOS = [floor, catalogList, catalogDetail, chargeStorm, couponStorm, 
 const INSPECTOR = "http://127.0.0.1:9229/json";
 
 function parseArgs(argv) {
-  const options = { scenario: null, top: 30 };
+  const options = { scenario: null, top: 30, tracer: null };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === "--scenario") options.scenario = argv[++i];
+    else if (argv[i] === "--perf") options.tracer = "perf";
+    else if (argv[i] === "--strace") options.tracer = "strace";
     else if (argv[i] === "--top") options.top = Number(argv[++i]);
     else fail(`unknown argument ${argv[i]}`);
   }
   const scenario = SCENARIOS.find((s) => s.name === options.scenario);
-  if (!scenario) fail(`usage: npm run bench:profile -- --scenario ${SCENARIOS.map((s) => s.name).join("|")} [--top N]`);
-  return { scenario, top: options.top };
+  if (!scenario) fail(`usage: npm run bench:profile -- --scenario ${SCENARIOS.map((s) => s.name).join("|")} [--top N] [--perf | --strace]`);
+  return { scenario, top: options.top, tracer: options.tracer };
 }
 
 function fail(message) {
@@ -108,18 +110,66 @@ function report(profile, top) {
   walk(profile.nodes[0].id, 0);
 }
 
+const PERF_DATA = "/tmp/bench-perf.data";
+const STRACE_OUT = "/tmp/bench-strace.txt";
+
+const workerdPids = () => [...processCpu().keys()].filter((k) => k.includes("workerd serve")).map((k) => k.split(" ")[0]);
+
+/**
+ * A second tracer over every workerd process during the load phase: `perf` samples native time with call
+ * graphs (V8's GC, SQLite, the runtime); `strace` records the file writes and syncs (which SQLite file of
+ * which simulator writes and fsyncs how often).
+ */
+function startTracer(tracer) {
+  const pids = workerdPids();
+  const args =
+    tracer === "perf"
+      ? ["record", "-F", "999", "-g", "-o", PERF_DATA, "-p", pids.join(",")]
+      : ["-f", "-y", "-e", "trace=fsync,fdatasync,pwrite64,write", "-o", STRACE_OUT, ...pids.flatMap((p) => ["-p", p])];
+  return { tracer, child: spawn(tracer, args, { stdio: "ignore" }) };
+}
+
+async function stopTracer({ child }) {
+  const exited = new Promise((resolve) => child.once("exit", resolve));
+  child.kill("SIGINT");
+  await exited;
+}
+
+function reportTracer({ tracer }, top) {
+  if (tracer === "strace") {
+    const counts = new Map();
+    for (const [, call, file] of readFileSync(STRACE_OUT, "utf8").matchAll(/(\w+)\(\d+<([^>]*)>/g)) {
+      const key = `${call.padEnd(9)} ${file.replace(/[0-9a-f]{32,}/g, "<id>").replace(/#\d+/, "#<n>")}`;
+      counts.set(key, (counts.get(key) ?? 0) + 1);
+    }
+    console.log("\nstrace, calls by syscall and file:");
+    for (const [key, n] of [...counts].sort((a, b) => b[1] - a[1]).slice(0, top)) console.log(`${String(n).padStart(8)}  ${key}`);
+    return;
+  }
+  for (const sort of ["pid,comm", "dso", "dso,sym"]) {
+    const out = execFileSync("perf", ["report", "-i", PERF_DATA, "--stdio", "--no-children", "-g", "none", "--percent-limit", "0.5", "--sort", sort], {
+      encoding: "utf8",
+      maxBuffer: 64 << 20,
+    });
+    console.log(`\nperf, by ${sort}:`);
+    console.log(out.split("\n").filter((l) => l && !l.startsWith("#")).slice(0, top).join("\n"));
+  }
+}
+
 async function main() {
-  const { scenario, top } = parseArgs(process.argv.slice(2));
+  const { scenario, top, tracer } = parseArgs(process.argv.slice(2));
   ensureDevVars();
   const { JWT_SECRET: secret } = readDevVars();
-  const stateDir = join(".wrangler", `profile-${Date.now()}`);
+  const stateDir = benchStateDir(`profile-${Date.now()}`);
   const server = await startBenchServer({ port: 8799, stateDir });
   let profiler = null;
+  let recorder = null;
   let cpuBefore = null;
   let loadStarted = 0;
   let loads = 0;
   loadHooks.before = async () => {
     if (loads++ > 0) return; // the scenario's first load phase only
+    if (tracer) recorder = startTracer(tracer);
     profiler = await connectProfiler();
     await profiler.send("Profiler.enable");
     await profiler.send("Profiler.setSamplingInterval", { interval: 500 });
@@ -134,6 +184,7 @@ async function main() {
     if (!profiler || profile) return;
     loadSeconds = (performance.now() - loadStarted) / 1000;
     cpuAfter = processCpu();
+    if (recorder) await stopTracer(recorder);
     profile = (await profiler.send("Profiler.stop")).profile;
     profiler.close();
   };
@@ -147,6 +198,7 @@ async function main() {
       if (used >= 0.1) console.log(`${used.toFixed(2).padStart(7)} s  ${name.slice(0, 110)}`);
     }
     report(profile, top);
+    if (recorder) reportTracer(recorder, top);
   } finally {
     await server.stop();
     removeState(stateDir);

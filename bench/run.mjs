@@ -1,4 +1,4 @@
-// npm run bench [-- --quick] [-- --scenario NAME[,NAME]] [-- --port N] [-- --keep-state]
+// npm run bench [-- --quick] [-- --scenario NAME[,NAME]] [-- --port N] [-- --keep-state] [-- --local-observability] [-- --state-on-disk]
 // Starts its own `wrangler dev` on a fresh local state, seeds through the admin API, drives load with
 // autocannon, checks invariants through the API and D1, prints the tables and writes bench/results/latest.json.
 // Exit code: 1 if an invariant failed (a missed speed target is reported, not fatal), 2 if the bench broke.
@@ -13,7 +13,7 @@ import { mixed } from "./mixed.mjs";
 import { catalogDetail, catalogList, chargeStorm, floor, floorEnd } from "./reads.mjs";
 import { evaluateTargets, floorOf, machineInfo, printResults, withRatios, writeResults } from "./report.mjs";
 import { CONCURRENCY, scenarioContext } from "./seed.mjs";
-import { queryD1, removeState, startBenchServer, signalRunningServers } from "./server.mjs";
+import { benchStateDir, queryD1, removeState, startBenchServer, signalRunningServers } from "./server.mjs";
 import { couponStorm, orderStorm, orderStormKeyed } from "./storms.mjs";
 import { couponStormSharded } from "./coupon-storm-sharded.mjs";
 import { SIZES } from "./sizes.mjs";
@@ -25,7 +25,8 @@ const FLOORS = ["floor", "floor-end"];
 
 
 function parseArgs(argv) {
-  const options = { quick: false, scenarios: null, port: 8799, keepState: false };
+  // wrangler dev's local traces are off unless asked (see startBenchServer); X_LOCAL_OBSERVABILITY=true asks too.
+  const options = { quick: false, scenarios: null, port: 8799, keepState: false, stateOnDisk: false, localObservability: process.env.X_LOCAL_OBSERVABILITY === "true" };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     const value = () => argv[++i] ?? fail(`${arg} needs a value`);
@@ -33,8 +34,10 @@ function parseArgs(argv) {
     else if (arg === "--scenario") options.scenarios = value().split(",");
     else if (arg === "--port") options.port = Number(value());
     else if (arg === "--keep-state") options.keepState = true;
+    else if (arg === "--local-observability") options.localObservability = true;
+    else if (arg === "--state-on-disk") options.stateOnDisk = true;
     else if (arg === "--help" || arg === "-h") {
-      console.log(`usage: npm run bench -- [--quick] [--scenario ${SCENARIOS.map((s) => s.name).join("|")}] [--port N] [--keep-state]`);
+      console.log(`usage: npm run bench -- [--quick] [--scenario ${SCENARIOS.map((s) => s.name).join("|")}] [--port N] [--keep-state] [--local-observability] [--state-on-disk]`);
       process.exit(0);
     } else fail(`unknown argument ${arg}`);
   }
@@ -105,10 +108,11 @@ async function main() {
 
   ensureDevVars();
   const { JWT_SECRET: secret } = readDevVars();
-  const stateDir = join(".wrangler", `bench-${startedAt.replace(/[:.]/g, "-")}`);
+  const stateDir = benchStateDir(`bench-${startedAt.replace(/[:.]/g, "-")}`, { onDisk: options.stateOnDisk });
 
   console.log(`bench ${options.quick ? "--quick" : "(default)"}: ${selected.map((s) => s.name).join(", ")}`);
   console.log(`machine: ${machine.cpu}, node ${machine.node}, ${machine.os}, load ${machine.loadAverageAtStart.join(" ")}`);
+  console.log(`wrangler dev's local observability (traces): ${options.localObservability ? "on" : "off"}`);
   const interrupt = () => {
     signalRunningServers();
     if (!options.keepState) removeState(stateDir);
@@ -119,7 +123,7 @@ async function main() {
 
   let server;
   try {
-    server = await startBenchServer({ port: options.port, stateDir });
+    server = await startBenchServer({ port: options.port, stateDir, localObservability: options.localObservability });
   } catch (error) {
     if (!options.keepState) removeState(stateDir);
     throw error;
@@ -187,6 +191,8 @@ async function main() {
     machine,
     startedAt,
     mode: options.quick ? "quick" : "default",
+    localObservability: options.localObservability,
+    stateDir,
     elapsedS,
     sizes,
     workerReloads,

@@ -77,11 +77,11 @@ export function killDevServers() {
  * (its id is `dev.pid`), which stopGroup() ends as a whole. A script that exits without stopping it (an exception,
  * process.exit) SIGKILLs the group on its way out, so no server outlives the script that started it.
  */
-export function startWranglerDev({ port, persistTo, stdio = "inherit", extraArgs = [] }) {
+export function startWranglerDev({ port, persistTo, stdio = "inherit", extraArgs = [], env = QUIET_ENV }) {
   const dev = spawn(
     "npx",
     ["wrangler", "dev", "--ip", "127.0.0.1", "--port", String(port), "--persist-to", persistTo, "--test-scheduled", ...extraArgs],
-    { stdio, env: QUIET_ENV, detached: process.platform !== "win32" },
+    { stdio, env, detached: process.platform !== "win32" },
   );
   if (dev.pid !== undefined) groups.add(dev.pid);
   return dev;
