@@ -7,7 +7,7 @@ import { callerScope } from "./auth";
 import { DAY_MS } from "./clock";
 import { AppError, OutcomeUnknownError } from "./errors";
 import { describeError, log } from "./log";
-import { IdempotencyKeyHeader } from "./openapi";
+import { IdempotencyKey } from "./openapi";
 import { PROBLEM_CONTENT_TYPE, problemResponse } from "./problem";
 import type { AppEnv, Db } from "../env";
 
@@ -41,7 +41,7 @@ export const IDEMPOTENCY_TTL_MS = DAY_MS;
 export const IDEMPOTENCY_LOCK_MS = 60_000;
 export const REPLAYED_HEADER = "Idempotent-Replayed";
 
-const keySchema = IdempotencyKeyHeader.shape["idempotency-key"].unwrap();
+const keySchema = IdempotencyKey;
 
 type KeyRow = typeof idempotencyKeys.$inferSelect;
 
@@ -176,9 +176,14 @@ export interface Claim extends ClaimRequest {
   fresh?: boolean;
 }
 
+const HEX = Array.from({ length: 256 }, (_, b) => b.toString(16).padStart(2, "0"));
+const encoder = new TextEncoder();
+
 async function sha256Hex(text: string): Promise<string> {
-  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
-  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", encoder.encode(text)));
+  let hex = "";
+  for (const byte of digest) hex += HEX[byte];
+  return hex;
 }
 
 /**

@@ -101,15 +101,24 @@ export function problems(...statuses: (400 | 401 | 403 | 404 | 409 | 413 | 415 |
 
 export const bearer = [{ bearerAuth: [] }];
 
-export const IdempotencyKeyHeader = z.object({
-  "idempotency-key": z
-    .string()
-    .min(1)
-    .max(255)
-    .regex(/^[\x20-\x7E]+$/, "1..255 printable ASCII characters")
-    .optional()
-    .openapi({ description: "Replays the first result for the same key, caller and body within 24 h" }),
-});
+export const IdempotencyKey = z
+  .string()
+  .min(1)
+  .max(255)
+  .regex(/^[\x20-\x7E]+$/, "1..255 printable ASCII characters");
+
+/**
+ * The `Idempotency-Key` header, for a route's `parameters`: documented only, because `idempotent()`
+ * (./idempotency.ts) checks it against `IdempotencyKey` itself. As `request.headers` it would also add a
+ * validator that copies every header of every write to find this one.
+ */
+export const idempotencyKeyParameter = {
+  in: "header",
+  name: "idempotency-key",
+  required: false,
+  description: "Replays the first result for the same key, caller and body within 24 h",
+  schema: { type: "string", minLength: 1, maxLength: 255, pattern: "^[\\x20-\\x7E]+$" },
+} as const;
 
 /**
  * Sends JSON text that is already serialised (rendered by SQLite, or read from a cache) without parsing

@@ -3,7 +3,7 @@ import { actingUserId, authenticate } from "../lib/auth";
 import { idempotent } from "../lib/idempotency";
 import { limitWrites } from "../lib/rate-limit";
 import { runToEnd } from "../lib/run-to-end";
-import { bearer, createRouter, Id, IdempotencyKeyHeader, jsonBody, jsonResponse, jsonText, problems } from "../lib/openapi";
+import { bearer, createRouter, Id, idempotencyKeyParameter, jsonBody, jsonResponse, jsonText, problems } from "../lib/openapi";
 import { pageQuery, pageSchema } from "../lib/pagination";
 import { queuesOf } from "./outbox";
 import { positiveIntegerSetting } from "../lib/settings";
@@ -22,7 +22,8 @@ export const orderRoutes = createRouter()
       method: "post",
       path: "/orders",
       summary: "Place an order paid from the wallet, optionally with a coupon; all or nothing",
-      request: { headers: IdempotencyKeyHeader, body: jsonBody(PlaceOrderBody) },
+      parameters: [idempotencyKeyParameter],
+      request: { body: jsonBody(PlaceOrderBody) },
       responses: {
         200: jsonResponse(OrderSchema, "The completed order"),
         ...problems(400, 401, 403, 404, 409, 413, 415, 422, 429, 503),
@@ -57,9 +58,9 @@ export const orderRoutes = createRouter()
       path: "/orders/{orderId}/cancel",
       summary:
         "Cancel an order: refund to the wallet, stock and coupon back, exactly once (a user within the window, an admin any time)",
+      parameters: [idempotencyKeyParameter],
       request: {
         params: z.object({ orderId: Id }),
-        headers: IdempotencyKeyHeader,
         body: { ...jsonBody(CancelOrderBody), required: false },
       },
       responses: {

@@ -2,7 +2,7 @@ import { createRoute, type z } from "@hono/zod-openapi";
 import { actingUserId, authenticate } from "../lib/auth";
 import { idempotent } from "../lib/idempotency";
 import { limitWrites } from "../lib/rate-limit";
-import { bearer, createRouter, IdempotencyKeyHeader, jsonBody, jsonResponse, jsonText, problems } from "../lib/openapi";
+import { bearer, createRouter, idempotencyKeyParameter, jsonBody, jsonResponse, jsonText, problems } from "../lib/openapi";
 import { pageSchema } from "../lib/pagination";
 import {
   BalanceParams,
@@ -38,7 +38,8 @@ export const walletRoutes = createRouter()
       method: "post",
       path: "/balance/charge",
       summary: "Charge a wallet (idempotent with Idempotency-Key)",
-      request: { headers: IdempotencyKeyHeader, body: jsonBody(ChargeBody) },
+      parameters: [idempotencyKeyParameter],
+      request: { body: jsonBody(ChargeBody) },
       responses: {
         200: jsonResponse(ChargeResultSchema, "The new balance and its ledger entry"),
         ...problems(400, 401, 403, 404, 409, 413, 415, 422, 429),

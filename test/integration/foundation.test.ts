@@ -58,6 +58,20 @@ describe("operations", () => {
     expect(missing).toEqual([]);
   });
 
+  it("documents the Idempotency-Key header on every write that takes it", async () => {
+    const doc = (await call("GET", "/openapi.json")).body as {
+      paths: Record<string, Record<string, { parameters?: { in: string; name: string; required: boolean; schema: unknown }[] }>>;
+    };
+    for (const [path, method] of [
+      ["/api/balance/charge", "post"],
+      ["/api/orders", "post"],
+      ["/api/orders/{orderId}/cancel", "post"],
+    ] as const) {
+      const header = doc.paths[path]![method]!.parameters?.find((p) => p.in === "header" && p.name === "idempotency-key");
+      expect(header, `${method} ${path}`).toMatchObject({ required: false, schema: { type: "string", minLength: 1, maxLength: 255 } });
+    }
+  });
+
   it("serves the interactive reference at /docs", async () => {
     const res = await call("GET", "/docs");
     expect(res.status).toBe(200);
