@@ -9,6 +9,7 @@ import { AppError, OutcomeUnknownError } from "./errors";
 import { describeError, log } from "./log";
 import { IdempotencyKey } from "./openapi";
 import { PROBLEM_CONTENT_TYPE, problemResponse } from "./problem";
+import { sha256Hex } from "./sha256";
 import type { AppEnv, Db } from "../env";
 
 /*
@@ -174,16 +175,6 @@ export interface Claim extends ClaimRequest {
   storedWithEffect?: boolean;
   /** True when this claim began the key's life now (not a takeover of a crashed run): no effect of it exists yet. */
   fresh?: boolean;
-}
-
-const HEX = Array.from({ length: 256 }, (_, b) => b.toString(16).padStart(2, "0"));
-const encoder = new TextEncoder();
-
-async function sha256Hex(text: string): Promise<string> {
-  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", encoder.encode(text)));
-  let hex = "";
-  for (const byte of digest) hex += HEX[byte];
-  return hex;
 }
 
 /**

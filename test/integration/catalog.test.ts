@@ -120,6 +120,9 @@ describe("GET /api/products", () => {
     expect(res.headers.get("content-type")).toContain("application/json");
     const tag = res.headers.get("etag");
     expect(tag).toMatch(/^"[0-9a-f]{64}"$/);
+    // The tag is the SHA-256 of the very bytes sent (worked out once per cached body, not per response).
+    const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(res.text)));
+    expect(tag).toBe(`"${Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("")}"`);
 
     const again = await call("GET", "/api/products?limit=100", {
       headers: { "If-None-Match": tag!, "X-Request-Id": "revalidate-1" },
