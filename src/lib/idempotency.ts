@@ -1,5 +1,6 @@
 import { and, eq, lte } from "drizzle-orm";
 import type { Context } from "hono";
+import { createMiddleware } from "hono/factory";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { createDb } from "../db/client";
 import { idempotencyKeys } from "../db/schema";
@@ -7,7 +8,7 @@ import { callerScope } from "./auth";
 import { DAY_MS } from "./clock";
 import { AppError, OutcomeUnknownError } from "./errors";
 import { describeError, log } from "./log";
-import { IdempotencyKey } from "./openapi";
+import { IdempotencyKey, validationFailed } from "./openapi";
 import { PROBLEM_CONTENT_TYPE, problemResponse } from "./problem";
 import { sha256Hex } from "./sha256";
 import type { AppEnv, Db } from "../env";
@@ -42,7 +43,21 @@ export const IDEMPOTENCY_TTL_MS = DAY_MS;
 export const IDEMPOTENCY_LOCK_MS = 60_000;
 export const REPLAYED_HEADER = "Idempotent-Replayed";
 
-const keySchema = IdempotencyKey;
+/**
+ * Route middleware for the writes that take an `Idempotency-Key` (after `limitWrites`): a malformed key is
+ * refused before anything else the route checks, its body included, as a header validator would refuse
+ * it, but reading that one header rather than copying all of them.
+ */
+export const checkIdempotencyKey = createMiddleware<AppEnv>(async (c, next) => {
+  assertValidKey(c.req.header("Idempotency-Key"));
+  await next();
+});
+
+function assertValidKey(key: string | undefined): void {
+  if (key === undefined) return;
+  const checked = IdempotencyKey.safeParse(key);
+  if (!checked.success) throw validationFailed(checked.error.issues, "idempotency-key");
+}
 
 type KeyRow = typeof idempotencyKeys.$inferSelect;
 
@@ -70,11 +85,7 @@ export async function idempotent<R extends Response>(
     if (early) throw early;
     return handler(null);
   }
-  if (!keySchema.safeParse(key).success) {
-    throw new AppError("VALIDATION_FAILED", "The Idempotency-Key header is not valid", [
-      { path: "idempotency-key", message: "1..255 printable ASCII characters" },
-    ]);
-  }
+  assertValidKey(key);
   const caller = c.get("caller");
   if (!caller) throw new Error("idempotent() needs an authenticated caller");
 

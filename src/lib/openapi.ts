@@ -11,14 +11,14 @@ const validationHook: Hook<unknown, AppEnv, string, unknown> = (result, c) => {
   if (result.target === "json" && !c.req.header("Content-Type")) {
     throw new AppError("UNSUPPORTED_MEDIA_TYPE", "Send the body as application/json");
   }
-  if (!result.success) {
-    const errors = result.error.issues.map((issue) => ({
-      path: issue.path.map(String).join(".") || "(body)",
-      message: issue.message,
-    }));
-    throw new AppError("VALIDATION_FAILED", "The request did not pass validation", errors);
-  }
+  if (!result.success) throw validationFailed(result.error.issues);
 };
+
+/** The 400 VALIDATION_FAILED problem for zod's issues; `at` names what was checked when the issues do not. */
+export function validationFailed(issues: readonly z.core.$ZodIssue[], at = "(body)"): AppError {
+  const errors = issues.map((issue) => ({ path: issue.path.map(String).join(".") || at, message: issue.message }));
+  return new AppError("VALIDATION_FAILED", "The request did not pass validation", errors);
+}
 
 export function createRouter() {
   return new OpenAPIHono<AppEnv>({ defaultHook: validationHook });
@@ -101,23 +101,23 @@ export function problems(...statuses: (400 | 401 | 403 | 404 | 409 | 413 | 415 |
 
 export const bearer = [{ bearerAuth: [] }];
 
-export const IdempotencyKey = z
-  .string()
-  .min(1)
-  .max(255)
-  .regex(/^[\x20-\x7E]+$/, "1..255 printable ASCII characters");
+const KEY_MIN = 1;
+const KEY_MAX = 255;
+const PRINTABLE_ASCII = /^[\x20-\x7E]+$/;
+
+export const IdempotencyKey = z.string().min(KEY_MIN).max(KEY_MAX).regex(PRINTABLE_ASCII, "1..255 printable ASCII characters");
 
 /**
- * The `Idempotency-Key` header, for a route's `parameters`: documented only, because `idempotent()`
- * (./idempotency.ts) checks it against `IdempotencyKey` itself. As `request.headers` it would also add a
- * validator that copies every header of every write to find this one.
+ * The `Idempotency-Key` header, for a route's `parameters`: documented only, and checked by the route's
+ * `checkIdempotencyKey` middleware (./idempotency.ts) against `IdempotencyKey`. As `request.headers` it
+ * would add a validator that copies every header of every write to find this one.
  */
 export const idempotencyKeyParameter = {
   in: "header",
   name: "idempotency-key",
   required: false,
   description: "Replays the first result for the same key, caller and body within 24 h",
-  schema: { type: "string", minLength: 1, maxLength: 255, pattern: "^[\\x20-\\x7E]+$" },
+  schema: { type: "string", minLength: KEY_MIN, maxLength: KEY_MAX, pattern: PRINTABLE_ASCII.source },
 } as const;
 
 /**

@@ -1,6 +1,6 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import { actingUserId, authenticate } from "../lib/auth";
-import { idempotent } from "../lib/idempotency";
+import { checkIdempotencyKey, idempotent } from "../lib/idempotency";
 import { limitWrites } from "../lib/rate-limit";
 import { runToEnd } from "../lib/run-to-end";
 import { bearer, createRouter, Id, idempotencyKeyParameter, jsonBody, jsonResponse, jsonText, problems } from "../lib/openapi";
@@ -18,7 +18,7 @@ export const orderRoutes = createRouter()
   .openapi(
     createRoute({
       ...orderRoute,
-      middleware: [authenticate, limitWrites],
+      middleware: [authenticate, limitWrites, checkIdempotencyKey],
       method: "post",
       path: "/orders",
       summary: "Place an order paid from the wallet, optionally with a coupon; all or nothing",
@@ -53,7 +53,7 @@ export const orderRoutes = createRouter()
   .openapi(
     createRoute({
       ...orderRoute,
-      middleware: [authenticate, limitWrites],
+      middleware: [authenticate, limitWrites, checkIdempotencyKey],
       method: "post",
       path: "/orders/{orderId}/cancel",
       summary:

@@ -1,6 +1,6 @@
 import { createRoute, type z } from "@hono/zod-openapi";
 import { actingUserId, authenticate } from "../lib/auth";
-import { idempotent } from "../lib/idempotency";
+import { checkIdempotencyKey, idempotent } from "../lib/idempotency";
 import { limitWrites } from "../lib/rate-limit";
 import { bearer, createRouter, idempotencyKeyParameter, jsonBody, jsonResponse, jsonText, problems } from "../lib/openapi";
 import { pageSchema } from "../lib/pagination";
@@ -34,7 +34,7 @@ export const walletRoutes = createRouter()
   .openapi(
     createRoute({
       ...walletRoute,
-      middleware: [authenticate, limitWrites],
+      middleware: [authenticate, limitWrites, checkIdempotencyKey],
       method: "post",
       path: "/balance/charge",
       summary: "Charge a wallet (idempotent with Idempotency-Key)",

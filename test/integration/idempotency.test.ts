@@ -151,6 +151,27 @@ describe("misuse", () => {
     expect(await ledgerCount(user.id)).toBe(1);
   });
 
+  it("refuses a bad key before anything else the route checks, on every write that takes one", async () => {
+    const user = await makeUser();
+    const token = await tokenFor(user.id);
+    const badKey = { "Idempotency-Key": "a\tb" };
+    for (const [path, body] of [
+      [CHARGE, "not json"],
+      ["/api/orders", { items: [] }],
+      ["/api/orders/1/cancel", { reason: 5 }],
+    ] as const) {
+      // A bad body, sent as JSON or as another type: the key's problem is the one reported (not 415, not the body).
+      for (const headers of [badKey, { ...badKey, "Content-Type": "text/plain" }]) {
+        const res = await call("POST", path, { token, headers, body });
+        expectProblem(res, 400, "VALIDATION_FAILED");
+        expect(res.body.errors, `${path} ${JSON.stringify(headers)}`).toEqual([{ path: "idempotency-key", message: "1..255 printable ASCII characters" }]);
+      }
+    }
+    const tooLong = await call("POST", "/api/orders", { token, headers: { "Idempotency-Key": "x".repeat(256) }, body: { items: [] } });
+    expect(tooLong.body.errors).toEqual([{ path: "idempotency-key", message: expect.stringContaining("255") }]);
+    expect(await ledgerCount(user.id)).toBe(0);
+  });
+
   it("409 IDEMPOTENCY_IN_PROGRESS while the first request still runs (422 if the body differs)", async () => {
     const user = await makeUser();
     const key = newKey();
