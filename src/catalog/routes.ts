@@ -11,27 +11,30 @@ import { sha256Hex } from "../lib/sha256";
 
 const catalogRoute = { tags: ["Catalog"] };
 
-// A strong ETag is the SHA-256 of the body; If-None-Match on it gets a bodiless 304.
-const sha256 = (body: Uint8Array) => crypto.subtle.digest("SHA-256", body);
-const revalidation = etag({ generateDigest: sha256, retainedHeaders: ["cache-control", "etag", "vary", "x-request-id"] });
+// If-None-Match on a route's ETag (set by the route: see etagOf) gets a bodiless 304.
+const revalidation = etag({ retainedHeaders: ["cache-control", "etag", "vary", "x-request-id"] });
 
 const notModified = { 304: { description: "Not modified: the If-None-Match ETag is current" } };
 
 /**
- * The strong ETag of a cached body (the SHA-256 of its bytes, as `revalidation` would compute it), worked
- * out once per body this isolate serves rather than by reading a clone of every response: the cache hands
- * the same text out many times. `revalidation` answers If-None-Match against it.
+ * A strong ETag: the SHA-256 of the body's bytes, worked out once per body this isolate serves rather than
+ * by reading a clone of every response, since the cache hands the same text out many times. The tags of
+ * the bodies served last are kept (least recently served goes first), so one-off pages cannot push out the
+ * hot ones for long.
  */
 const etags = new Map<string, Promise<string>>();
 const ETAGS_KEPT = 64;
 
 function etagOf(body: string): Promise<string> {
   let tag = etags.get(body);
-  if (tag === undefined) {
+  if (tag !== undefined) {
+    etags.delete(body);
+  } else {
     if (etags.size >= ETAGS_KEPT) etags.delete(etags.keys().next().value!);
     tag = sha256Hex(body).then((hex) => `"${hex}"`);
-    etags.set(body, tag);
+    tag.catch(() => etags.delete(body));
   }
+  etags.set(body, tag);
   return tag;
 }
 
