@@ -37,12 +37,13 @@ function git(...args) {
 }
 
 /** One bench run in `dir`; the scenarios' req/s, ratio to the floor and p99, from that run's results file. */
-function benchOnce(dir, scenarios) {
-  const run = spawnSync(process.execPath, ["bench/run.mjs", "--scenario", scenarios], {
+function benchOnce(dir, scenarios, extraArgs) {
+  const run = spawnSync(process.execPath, ["bench/run.mjs", "--scenario", scenarios, ...extraArgs], {
     cwd: dir,
     encoding: "utf8",
     stdio: ["ignore", "pipe", "inherit"],
-    // Both sides alike: wrangler dev's local traces off (an older bench left them on), unless asked.
+    // Both sides alike: wrangler dev's local traces off unless asked (a base from before the bench turned
+    // them off leaves them to this variable).
     env: { ...process.env, X_LOCAL_OBSERVABILITY: process.env.X_LOCAL_OBSERVABILITY ?? "false" },
   });
   if (run.status === 2) fail(`the bench broke in ${dir}:\n${run.stdout.slice(-2000)}`);
@@ -68,14 +69,18 @@ function main() {
     const docs = spawnSync(process.execPath, ["scripts/docs-assets.mjs"], { cwd: worktree, stdio: "ignore" });
     if (docs.status !== 0) fail("scripts/docs-assets.mjs failed in the base worktree");
 
+    // A base from before the bench kept its state in memory (bench/server.mjs, benchStateDir) runs on disk:
+    // then this side does too, so the comparison is of the code, not of the storage.
+    const baseInMemory = spawnSync("git", ["grep", "-q", "benchStateDir", baseSha, "--", "bench/server.mjs"], { cwd: ROOT }).status === 0;
+    if (!baseInMemory) console.log("the base keeps the bench's state on disk: this side runs with --state-on-disk too");
     const sides = [
-      { label: `base ${baseSha.slice(0, 7)}`, dir: worktree, runs: [] },
-      { label: `this ${headSha.slice(0, 7)}${dirty ? "+changes" : ""}`, dir: ROOT, runs: [] },
+      { label: `base ${baseSha.slice(0, 7)}`, dir: worktree, args: [], runs: [] },
+      { label: `this ${headSha.slice(0, 7)}${dirty ? "+changes" : ""}`, dir: ROOT, args: baseInMemory ? [] : ["--state-on-disk"], runs: [] },
     ];
     for (let i = 1; i <= options.runs; i++) {
       for (const side of sides) {
         console.log(`run ${i}/${options.runs}: ${side.label} ...`);
-        side.runs.push(benchOnce(side.dir, options.scenarios));
+        side.runs.push(benchOnce(side.dir, options.scenarios, side.args));
       }
     }
 

@@ -1,44 +1,39 @@
-// npm run bench:cost [-- --requests N] [-- --only NAME[,NAME]] [-- --local-observability]
+// npm run bench:cost [-- --requests N] [-- --only NAME[,NAME]] [-- --local-observability] [-- --state-on-disk]
 // The CPU one request of each kind costs the local server, in microseconds of workerd time: the main process
 // (the Worker, its objects and Miniflare's simulators, on one thread: what limits throughput) and wrangler's
-// proxy apart. Far steadier than requests per second on a
-// shared machine, so a change to the hot path can be judged by a few runs of this instead of full benches.
-// Each kind runs N requests (default 3,000) at the bench's concurrency after a short warm-up, on one fresh server.
-import { readdirSync, readFileSync } from "node:fs";
+// proxy apart. Far steadier than requests per second on a shared machine, so a change to the hot path can be
+// judged by a few runs of this instead of full benches. Each kind runs N requests (default 3,000) at the
+// bench's concurrency after a short warm-up, on one fresh server set up as the bench's.
 import { runLoad } from "./load.mjs";
+import { processCpu } from "./processes.mjs";
 import { CONCURRENCY, scenarioContext } from "./seed.mjs";
 import { benchStateDir, removeState, startBenchServer } from "./server.mjs";
 import { SIZES } from "./sizes.mjs";
 import { ensureDevVars, readDevVars } from "../scripts/local.mjs";
 
+const USAGE = "usage: npm run bench:cost -- [--requests N] [--only NAME,...] [--local-observability] [--state-on-disk]";
+
 function parseArgs(argv) {
-  const options = { requests: 3_000, only: null, localObservability: false };
+  const options = { requests: 3_000, only: null, localObservability: process.env.X_LOCAL_OBSERVABILITY === "true", stateOnDisk: false };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === "--requests") options.requests = Number(argv[++i]);
-    else if (argv[i] === "--only") options.only = argv[++i].split(",");
+    else if (argv[i] === "--only") options.only = (argv[++i] ?? "").split(",");
     else if (argv[i] === "--local-observability") options.localObservability = true;
-    else {
-      console.error(`unknown argument ${argv[i]}; usage: npm run bench:cost -- [--requests N] [--only NAME,...] [--local-observability]`);
-      process.exit(2);
-    }
+    else if (argv[i] === "--state-on-disk") options.stateOnDisk = true;
+    else fail(`unknown argument ${argv[i]}; ${USAGE}`);
   }
+  if (!Number.isInteger(options.requests) || options.requests < 1) fail(`--requests must be a positive integer; ${USAGE}`);
   return options;
 }
 
-/** CPU seconds (user + system) of each workerd process, by pid. */
-function workerdCpu() {
-  const cpu = new Map();
-  for (const pid of readdirSync("/proc").filter((p) => /^\d+$/.test(p))) {
-    try {
-      if (!readFileSync(`/proc/${pid}/cmdline`, "utf8").includes("workerd")) continue;
-      const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
-      cpu.set(pid, (Number(fields[11]) + Number(fields[12])) / 100);
-    } catch {
-      // the process ended meanwhile
-    }
-  }
-  return cpu;
+function fail(message) {
+  console.error(message);
+  process.exit(2);
 }
+
+/** CPU seconds of each workerd process of the bench server's process group, by pid. */
+const workerdCpu = (group) =>
+  new Map([...processCpu(group)].filter(([, p]) => p.command.includes("workerd")).map(([pid, p]) => [pid, p.seconds]));
 
 /**
  * Microseconds per request used by the busiest workerd (the one running the Worker, its objects and the
@@ -132,10 +127,12 @@ const keyed = (kind) => ({
 KINDS.push(...KINDS.filter((k) => k.name.startsWith("order-")).map(keyed));
 
 async function main() {
-  const { requests, only, localObservability } = parseArgs(process.argv.slice(2));
+  const { requests, only, localObservability, stateOnDisk } = parseArgs(process.argv.slice(2));
+  const unknown = (only ?? []).filter((name) => !KINDS.some((k) => k.name === name));
+  if (unknown.length > 0) fail(`unknown kind ${unknown.join(", ")}; one of ${KINDS.map((k) => k.name).join(", ")}`);
   ensureDevVars();
   const { JWT_SECRET: secret } = readDevVars();
-  const stateDir = benchStateDir(`cost-${Date.now()}`);
+  const stateDir = benchStateDir(`cost-${Date.now()}`, { onDisk: stateOnDisk });
   const server = await startBenchServer({ port: 8799, stateDir, localObservability });
   try {
     const ctx = await scenarioContext(server, secret, SIZES.default);
@@ -147,10 +144,10 @@ async function main() {
       await runLoad({ baseUrl: ctx.baseUrl, concurrency: CONCURRENCY, amount: 200, nextJob, expected: kind.expected });
       // Let the queues and the objects' alarms finish what the warm-up left before measuring.
       await new Promise((resolve) => setTimeout(resolve, 2_000));
-      const before = workerdCpu();
+      const before = workerdCpu(server.group);
       const load = await runLoad({ baseUrl: ctx.baseUrl, concurrency: CONCURRENCY, amount: requests, nextJob, expected: kind.expected });
       await new Promise((resolve) => setTimeout(resolve, 3_000));
-      const { main, rest } = perRequest(before, workerdCpu(), requests);
+      const { main, rest } = perRequest(before, workerdCpu(server.group), requests);
       const errors = load.errors ? `  ${load.errors} errors: ${JSON.stringify(load.outcomes)}` : "";
       console.log(`${kind.name.padEnd(16)} ${String(load.rps).padStart(6)}   ${main}   ${rest}${errors}`);
     }

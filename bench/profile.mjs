@@ -1,4 +1,4 @@
-// npm run bench:profile -- --scenario NAME [--top N] [--perf | --strace]
+// npm run bench:profile -- --scenario NAME [--top N] [--perf | --strace] [--local-observability] [--state-on-disk]
 // Where a scenario's CPU goes: starts the bench's server, seeds and runs one scenario as the bench does, and
 // during its load phase only (not the seeding) samples the Worker's isolate with V8's profiler, through wrangler
 // dev's inspector (its Profiler domain over the WebSocket; the inspector wants the devtools Origin header). It
@@ -6,10 +6,11 @@
 // simulators; a second workerd is wrangler's proxy). Prints the functions with the most self time, the heaviest
 // call paths, and those CPU times. The Worker isolate's profile does not include the simulators' own isolates.
 import { execFileSync, spawn } from "node:child_process";
-import { readdirSync, readFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { couponStormSharded } from "./coupon-storm-sharded.mjs";
 import { cancelStorm } from "./cancel-storm.mjs";
 import { loadHooks } from "./load.mjs";
+import { processCpu, workerdPids } from "./processes.mjs";
 import { mixed } from "./mixed.mjs";
 import { catalogDetail, catalogList, chargeStorm, floor } from "./reads.mjs";
 import { scenarioContext } from "./seed.mjs";
@@ -22,37 +23,24 @@ const SCENARIOS = [floor, catalogList, catalogDetail, chargeStorm, couponStorm, 
 const INSPECTOR = "http://127.0.0.1:9229/json";
 
 function parseArgs(argv) {
-  const options = { scenario: null, top: 30, tracer: null };
+  const options = { scenario: null, top: 30, tracer: null, localObservability: process.env.X_LOCAL_OBSERVABILITY === "true", stateOnDisk: false };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === "--scenario") options.scenario = argv[++i];
     else if (argv[i] === "--perf") options.tracer = "perf";
     else if (argv[i] === "--strace") options.tracer = "strace";
+    else if (argv[i] === "--local-observability") options.localObservability = true;
+    else if (argv[i] === "--state-on-disk") options.stateOnDisk = true;
     else if (argv[i] === "--top") options.top = Number(argv[++i]);
     else fail(`unknown argument ${argv[i]}`);
   }
   const scenario = SCENARIOS.find((s) => s.name === options.scenario);
-  if (!scenario) fail(`usage: npm run bench:profile -- --scenario ${SCENARIOS.map((s) => s.name).join("|")} [--top N] [--perf | --strace]`);
-  return { scenario, top: options.top, tracer: options.tracer };
+  if (!scenario) fail(`usage: npm run bench:profile -- --scenario ${SCENARIOS.map((s) => s.name).join("|")} [--top N] [--perf | --strace] [--local-observability] [--state-on-disk]`);
+  return { ...options, scenario };
 }
 
 function fail(message) {
   console.error(message);
   process.exit(2);
-}
-
-/** CPU seconds (user + system) of every process, by pid and command line. */
-function processCpu() {
-  const cpu = new Map();
-  for (const pid of readdirSync("/proc").filter((p) => /^\d+$/.test(p))) {
-    try {
-      const command = readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " ").trim();
-      const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
-      cpu.set(`${pid} ${command}`, (Number(fields[11]) + Number(fields[12])) / 100);
-    } catch {
-      // the process ended meanwhile
-    }
-  }
-  return cpu;
 }
 
 async function connectProfiler() {
@@ -113,29 +101,45 @@ function report(profile, top) {
 const PERF_DATA = "/tmp/bench-perf.data";
 const STRACE_OUT = "/tmp/bench-strace.txt";
 
-const workerdPids = () => [...processCpu().keys()].filter((k) => k.includes("workerd serve")).map((k) => k.split(" ")[0]);
-
 /**
- * A second tracer over every workerd process during the load phase: `perf` samples native time with call
- * graphs (V8's GC, SQLite, the runtime); `strace` records the file writes and syncs (which SQLite file of
- * which simulator writes and fsyncs how often).
+ * A second tracer over the bench server's workerd processes during the load phase: `perf` samples native
+ * time with call graphs (V8's GC, SQLite, the runtime); `strace` records the file writes and syncs (which
+ * SQLite file of which simulator writes and fsyncs how often). Either is optional: if it cannot start or
+ * stops early, the profile goes on without it and says why.
  */
-function startTracer(tracer) {
-  const pids = workerdPids();
+function startTracer(tracer, group) {
+  const pids = workerdPids(group);
   const args =
     tracer === "perf"
       ? ["record", "-F", "999", "-g", "-o", PERF_DATA, "-p", pids.join(",")]
       : ["-f", "-y", "-e", "trace=fsync,fdatasync,pwrite64,write", "-o", STRACE_OUT, ...pids.flatMap((p) => ["-p", p])];
-  return { tracer, child: spawn(tracer, args, { stdio: "ignore" }) };
+  const child = spawn(tracer, args, { stdio: ["ignore", "ignore", "pipe"] });
+  const run = { tracer, child, stderr: "", failed: null, exited: null };
+  child.stderr.on("data", (chunk) => (run.stderr += chunk));
+  run.exited = new Promise((resolve) => {
+    child.once("error", (error) => {
+      run.failed = error.message;
+      resolve();
+    });
+    child.once("exit", (code, signal) => {
+      if (code !== 0 && signal !== "SIGINT" && code !== 130 && !run.stopping) run.failed = `exited with ${code ?? signal}`;
+      resolve();
+    });
+  });
+  return run;
 }
 
-async function stopTracer({ child }) {
-  const exited = new Promise((resolve) => child.once("exit", resolve));
-  child.kill("SIGINT");
-  await exited;
+async function stopTracer(run) {
+  run.stopping = true;
+  if (run.child.exitCode === null && run.child.signalCode === null) run.child.kill("SIGINT");
+  await run.exited;
 }
 
-function reportTracer({ tracer }, top) {
+function reportTracer({ tracer, failed, stderr }, top) {
+  if (failed) {
+    console.log(`\n${tracer} did not trace: ${failed}\n${stderr.trim().split("\n").slice(-5).join("\n")}`);
+    return;
+  }
   if (tracer === "strace") {
     const counts = new Map();
     for (const [, call, file] of readFileSync(STRACE_OUT, "utf8").matchAll(/(\w+)\(\d+<([^>]*)>/g)) {
@@ -157,11 +161,11 @@ function reportTracer({ tracer }, top) {
 }
 
 async function main() {
-  const { scenario, top, tracer } = parseArgs(process.argv.slice(2));
+  const { scenario, top, tracer, localObservability, stateOnDisk } = parseArgs(process.argv.slice(2));
   ensureDevVars();
   const { JWT_SECRET: secret } = readDevVars();
-  const stateDir = benchStateDir(`profile-${Date.now()}`);
-  const server = await startBenchServer({ port: 8799, stateDir });
+  const stateDir = benchStateDir(`profile-${Date.now()}`, { onDisk: stateOnDisk });
+  const server = await startBenchServer({ port: 8799, stateDir, localObservability });
   let profiler = null;
   let recorder = null;
   let cpuBefore = null;
@@ -169,7 +173,7 @@ async function main() {
   let loads = 0;
   loadHooks.before = async () => {
     if (loads++ > 0) return; // the scenario's first load phase only
-    if (tracer) recorder = startTracer(tracer);
+    if (tracer) recorder = startTracer(tracer, server.group);
     profiler = await connectProfiler();
     await profiler.send("Profiler.enable");
     await profiler.send("Profiler.setSamplingInterval", { interval: 500 });
@@ -193,9 +197,9 @@ async function main() {
     const { load } = await scenario.run(ctx);
     console.log(`${scenario.name}: ${load.requests} requests in ${load.durationS} s (${load.rps} req/s, p99 ${load.p99} ms)`);
     console.log(`\nCPU used during the ${loadSeconds.toFixed(1)} s load phase, by process:`);
-    for (const [name, after] of cpuAfter) {
-      const used = after - (cpuBefore.get(name) ?? 0);
-      if (used >= 0.1) console.log(`${used.toFixed(2).padStart(7)} s  ${name.slice(0, 110)}`);
+    for (const [pid, after] of cpuAfter) {
+      const used = after.seconds - (cpuBefore.get(pid)?.seconds ?? 0);
+      if (used >= 0.1) console.log(`${used.toFixed(2).padStart(7)} s  ${`${pid} ${after.command}`.slice(0, 110)}`);
     }
     report(profile, top);
     if (recorder) reportTracer(recorder, top);

@@ -7,7 +7,20 @@
 // `wrangler dev --no-bundle` and a copy of wrangler.toml and .dev.vars taken at the same moment (wrangler dev
 // also reloads when its config changes): the code under test is frozen for the whole run.
 import { spawn, spawnSync } from "node:child_process";
-import { accessSync, constants, copyFileSync, cpSync, createWriteStream, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import {
+  accessSync,
+  constants,
+  copyFileSync,
+  cpSync,
+  createWriteStream,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  statfsSync,
+  writeFileSync,
+} from "node:fs";
 import { createServer } from "node:http";
 import { isAbsolute, join } from "node:path";
 import { driveCron, killDevServers, QUIET_ENV, startWranglerDev, stopGroup, waitForHealth } from "../scripts/local.mjs";
@@ -75,32 +88,35 @@ export function freezeConfig(bundleDir) {
 }
 
 const MEMORY_DIR = "/dev/shm";
+/** A full bench run keeps well under this in its state (D1, objects, the bundle, the log). */
+const MEMORY_NEEDED_BYTES = 1024 ** 3;
 
 /**
- * Where a bench server keeps its throw-away state: in memory (tmpfs) when the machine has one, unless asked
- * for the disk. Every SQLite write of Miniflare's simulators (D1, the objects, the rate limiter, which writes
- * on every call) ends in an fsync on the same workerd thread as the Worker; on this machine's disk one costs
- * about 0.45 ms, as much as a fifth of a whole request, and says nothing of D1 or Durable Objects on
- * Cloudflare. A state that is deleted at the end of the run needs no durability.
+ * Where a bench server keeps its throw-away state: in memory (tmpfs) when the machine has one with room
+ * to spare, unless asked for the disk. Every SQLite write of Miniflare's simulators (D1, the objects, the
+ * rate limiter, which writes on every call) ends in an fsync on the same workerd thread as the Worker; on
+ * this machine's disk one costs about 0.45 ms, as much as a fifth of a whole request, and says nothing of
+ * D1 or Durable Objects on Cloudflare. A state that is deleted at the end of the run needs no durability.
+ * The folder in memory is made private (0700, unpredictable name): it holds a copy of .dev.vars.
  */
 export function benchStateDir(name, { onDisk = false } = {}) {
-  const inMemory = !onDisk && existsSync(MEMORY_DIR) && accessible(MEMORY_DIR);
-  return inMemory ? join(MEMORY_DIR, `edge-shop-${name}`) : join(".wrangler", name);
+  if (!onDisk && roomInMemory()) return mkdtempSync(join(MEMORY_DIR, `edge-shop-${name}-`));
+  return join(".wrangler", name);
 }
 
-function accessible(dir) {
+function roomInMemory() {
   try {
-    accessSync(dir, constants.W_OK);
-    return true;
+    accessSync(MEMORY_DIR, constants.W_OK);
+    const { bavail, bsize } = statfsSync(MEMORY_DIR);
+    return bavail * bsize >= MEMORY_NEEDED_BYTES;
   } catch {
     return false;
   }
 }
 
 /**
- * `localObservability`: wrangler dev's local traces (X_LOCAL_OBSERVABILITY, on by default since the
- * `[observability]` block is set) stream every invocation's events to a collector Worker that writes them
- * to a SQLite Durable Object, on the same workerd thread as the Worker under test, at a cost that grows with
+ * `localObservability`: wrangler dev's local traces (X_LOCAL_OBSERVABILITY, on by default in wrangler 4)
+ * stream every invocation's events to a collector Worker that writes them to a SQLite Durable Object, on the same workerd thread as the Worker under test, at a cost that grows with
  * each binding call (measured by `npm run bench:cost`: about 0.5 ms of a /health request and 4.5 ms of a
  * placed order). On Cloudflare, logs and traces are collected outside the Worker. So the bench turns it off
  * unless asked.
@@ -168,7 +184,8 @@ export async function startBenchServer({ port: wantedPort, stateDir, localObserv
   // Code and config are frozen, so nothing should restart the Worker; if something does, the report says so.
   const reloads = () => logCount(/Reloading local server/g);
 
-  return { baseUrl, port, stateDir, exportsReceived: sink.received, reloads, logCount, logTail: () => tail(logFile), stop };
+  // `group`: the process group of wrangler dev, its proxy and its workerd (what bench:profile and bench:cost measure).
+  return { baseUrl, port, stateDir, group: dev.pid, exportsReceived: sink.received, reloads, logCount, logTail: () => tail(logFile), stop };
 }
 
 /** For an interrupt, just before the process exits: SIGKILLs every dev server started here. */
