@@ -74,6 +74,16 @@ const KINDS = [
     },
   },
   {
+    name: "order-refused-by-object",
+    expected: ["400 OUT_OF_STOCK"],
+    async prepare(ctx, users) {
+      // One unit left, two asked: refused by the stock object on every request (a sold-out mark needs 0 left).
+      const product = await ctx.api.createProduct("cost one left", 1_000, 1);
+      let i = 0;
+      return () => ({ method: "POST", path: "/api/orders", token: users[i++ % users.length].token, body: { items: [{ productId: product.id, quantity: 2 }] } });
+    },
+  },
+  {
     name: "coupon-sold-out",
     expected: ["200", "400 COUPON_SOLD_OUT"],
     async prepare(ctx, users) {
