@@ -45,6 +45,12 @@ function perRequest(before, after, requests) {
   return { main: micros(used[0] ?? 0), rest: micros(used.slice(1).reduce((a, b) => a + b, 0)) };
 }
 
+/** A job maker: POSTs of `body` to `path`, each from the next of `users` in turn (one user per request, if enough). */
+function postsFrom(users, path, body, { cycle = true } = {}) {
+  let i = 0;
+  return () => ({ method: "POST", path, token: users[cycle ? i++ % users.length : i++].token, body });
+}
+
 /** The kinds of request measured; `prepare` seeds what they need and returns the job maker. */
 const KINDS = [
   { name: "health", expected: ["200"], prepare: async () => () => ({ path: "/health" }) },
@@ -69,8 +75,7 @@ const KINDS = [
     expected: ["400 OUT_OF_STOCK"],
     async prepare(ctx, users) {
       const product = await ctx.api.createProduct("cost sold out", 1_000, 0);
-      let i = 0;
-      return () => ({ method: "POST", path: "/api/orders", token: users[i++ % users.length].token, body: { items: [{ productId: product.id, quantity: 1 }] } });
+      return postsFrom(users, "/api/orders", { items: [{ productId: product.id, quantity: 1 }] });
     },
   },
   {
@@ -79,8 +84,7 @@ const KINDS = [
     async prepare(ctx, users) {
       // One unit left, two asked: refused by the stock object on every request (a sold-out mark needs 0 left).
       const product = await ctx.api.createProduct("cost one left", 1_000, 1);
-      let i = 0;
-      return () => ({ method: "POST", path: "/api/orders", token: users[i++ % users.length].token, body: { items: [{ productId: product.id, quantity: 2 }] } });
+      return postsFrom(users, "/api/orders", { items: [{ productId: product.id, quantity: 2 }] });
     },
   },
   {
@@ -88,16 +92,14 @@ const KINDS = [
     expected: ["200", "400 COUPON_SOLD_OUT"],
     async prepare(ctx, users) {
       const coupon = await ctx.api.createCoupon("cost sold out", 1);
-      let i = 0;
-      return () => ({ method: "POST", path: `/api/coupons/${coupon.id}/issue`, token: users[i++ % users.length].token, body: {} });
+      return postsFrom(users, `/api/coupons/${coupon.id}/issue`, {});
     },
   },
   {
     name: "charge",
     expected: ["200"],
     async prepare(ctx, users) {
-      let i = 0;
-      return () => ({ method: "POST", path: "/api/balance/charge", token: users[i++ % users.length].token, body: { amount: 1_000 } });
+      return postsFrom(users, "/api/balance/charge", { amount: 1_000 });
     },
   },
   {
@@ -107,8 +109,7 @@ const KINDS = [
     async prepare(ctx, users, requests) {
       // One piece per user: each user asks once.
       const coupon = await ctx.api.createCoupon("cost issued", requests + 200);
-      let i = 0;
-      return () => ({ method: "POST", path: `/api/coupons/${coupon.id}/issue`, token: users[i++].token, body: {} });
+      return postsFrom(users, `/api/coupons/${coupon.id}/issue`, {}, { cycle: false });
     },
   },
   {
@@ -117,8 +118,7 @@ const KINDS = [
     async prepare(ctx, users, requests) {
       const product = await ctx.api.createProduct("cost placed", 1, requests + 200);
       await ctx.api.fund(users, 1_000_000);
-      let i = 0;
-      return () => ({ method: "POST", path: "/api/orders", token: users[i++ % users.length].token, body: { items: [{ productId: product.id, quantity: 1 }] } });
+      return postsFrom(users, "/api/orders", { items: [{ productId: product.id, quantity: 1 }] });
     },
   },
 ];

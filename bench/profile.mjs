@@ -114,7 +114,7 @@ function startTracer(tracer, group) {
       ? ["record", "-F", "999", "-g", "-o", PERF_DATA, "-p", pids.join(",")]
       : ["-f", "-y", "-e", "trace=fsync,fdatasync,pwrite64,write", "-o", STRACE_OUT, ...pids.flatMap((p) => ["-p", p])];
   const child = spawn(tracer, args, { stdio: ["ignore", "ignore", "pipe"] });
-  const run = { tracer, child, stderr: "", failed: null, exited: null };
+  const run = { tracer, child, stderr: "", failed: null, stopping: false, exited: null };
   child.stderr.on("data", (chunk) => (run.stderr += chunk));
   run.exited = new Promise((resolve) => {
     child.once("error", (error) => {
