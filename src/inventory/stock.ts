@@ -1,4 +1,5 @@
 import { AppError, OutcomeUnknownError } from "../lib/errors";
+import { KeyInUse } from "../lib/idempotency";
 import { SoldOutMarks } from "../lib/sold-out-marks";
 import { describeError, log } from "../lib/log";
 import { currentRequestId } from "../lib/request-context";
@@ -130,6 +131,7 @@ export async function placeSingleProductOrder(env: Env, line: StockLine, order: 
   const outcome = result.outcome!;
   if (outcome.ok) return { body: outcome.body, stored: outcome.stored };
   if (outcome.outcomeUnknown) throw new OutcomeUnknownError(outcome.detail);
+  if (outcome.keyInUse) throw new KeyInUse();
   throw new AppError(outcome.code, outcome.detail);
 }
 
