@@ -5,7 +5,7 @@
 // judged by a few runs of this instead of full benches. Each kind runs N requests (default 3,000) at the
 // bench's concurrency after a short warm-up, on one fresh server set up as the bench's.
 import { runLoad } from "./load.mjs";
-import { processCpu } from "./processes.mjs";
+import { workerdCpu, workerdCpuUsed } from "./processes.mjs";
 import { CONCURRENCY, scenarioContext } from "./seed.mjs";
 import { benchStateDir, removeState, startBenchServer } from "./server.mjs";
 import { SIZES } from "./sizes.mjs";
@@ -31,18 +31,11 @@ function fail(message) {
   process.exit(2);
 }
 
-/** CPU seconds of each workerd process of the bench server's process group, by pid. */
-const workerdCpu = (group) =>
-  new Map([...processCpu(group)].filter(([, p]) => p.command.includes("workerd")).map(([pid, p]) => [pid, p.seconds]));
-
-/**
- * Microseconds per request used by the busiest workerd (the one running the Worker, its objects and the
- * simulators, on one thread: what limits throughput) and by the rest (wrangler's proxy).
- */
+/** Microseconds per request of the main workerd and of the rest (wrangler's proxy), between two readings. */
 function perRequest(before, after, requests) {
-  const used = [...after].map(([pid, s]) => s - (before.get(pid) ?? 0)).sort((a, b) => b - a);
+  const { main, rest } = workerdCpuUsed(before, after);
   const micros = (seconds) => ((seconds * 1e6) / requests).toFixed(0).padStart(8);
-  return { main: micros(used[0] ?? 0), rest: micros(used.slice(1).reduce((a, b) => a + b, 0)) };
+  return { main: micros(main), rest: micros(rest) };
 }
 
 /** A job maker: POSTs of `body` to `path`, each from the next of `users` in turn (one user per request, if enough). */

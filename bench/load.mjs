@@ -2,6 +2,7 @@
 // `nextJob()` (so each can carry a different user's token and body) and every answer is classified by
 // status and problem `code`, so the contract's expected refusals are told apart from errors.
 import autocannon from "autocannon";
+import { workerdCpu, workerdCpuUsed } from "./processes.mjs";
 
 const REQUEST_TIMEOUT_S = 30;
 
@@ -55,10 +56,21 @@ const round = (n, digits = 1) => Math.round(n * 10 ** digits) / 10 ** digits;
  */
 export const loadHooks = { before: null, after: null };
 
+/**
+ * The bench server's process group, when set (bench/run.mjs): every load phase then also reports the CPU
+ * the main workerd spent per request (`cpuUs`), far steadier on a shared machine than requests per second.
+ */
+export const loadMeter = { group: null };
+
 export async function runLoad({ baseUrl, concurrency, amount, duration, nextJob, expected }) {
   await loadHooks.before?.();
+  const group = loadMeter.group;
+  const cpuBefore = group === null ? null : workerdCpu(group);
   try {
-    return await load({ baseUrl, concurrency, amount, duration, nextJob, expected });
+    const result = await load({ baseUrl, concurrency, amount, duration, nextJob, expected });
+    if (cpuBefore === null || result.requests === 0) return result;
+    const { main } = workerdCpuUsed(cpuBefore, workerdCpu(group));
+    return { ...result, cpuUs: Math.round((main * 1e6) / result.requests) };
   } finally {
     await loadHooks.after?.();
   }

@@ -23,3 +23,16 @@ export function processCpu(group = null) {
 
 /** The pids of the workerd processes of `group`. */
 export const workerdPids = (group) => [...processCpu(group)].filter(([, p]) => p.command.includes("workerd")).map(([pid]) => pid);
+
+/** CPU seconds of each workerd process of `group`, by pid. */
+export const workerdCpu = (group) =>
+  new Map([...processCpu(group)].filter(([, p]) => p.command.includes("workerd")).map(([pid, p]) => [pid, p.seconds]));
+
+/**
+ * CPU seconds used between two `workerdCpu` readings by the busiest workerd (the one running the Worker, its
+ * objects and the simulators, on one thread: what limits throughput) and by the others together.
+ */
+export function workerdCpuUsed(before, after) {
+  const used = [...after].map(([pid, s]) => s - (before.get(pid) ?? 0)).sort((a, b) => b - a);
+  return { main: used[0] ?? 0, rest: used.slice(1).reduce((a, b) => a + b, 0) };
+}

@@ -9,6 +9,7 @@ import { cancelStorm } from "./cancel-storm.mjs";
 import { ensureDevVars, readDevVars, tokenFor } from "../scripts/local.mjs";
 import { describeAudit, fetchAudit } from "../scripts/audit-client.mjs";
 import { invariant, runD1Checks } from "./invariants.mjs";
+import { loadMeter } from "./load.mjs";
 import { mixed } from "./mixed.mjs";
 import { catalogDetail, catalogList, chargeStorm, floor, floorEnd } from "./reads.mjs";
 import { evaluateTargets, floorOf, machineInfo, printResults, withRatios, writeResults } from "./report.mjs";
@@ -129,6 +130,7 @@ async function main() {
     throw error;
   }
   console.log(`server: ${server.baseUrl} (state ${stateDir}) up after ${seconds(started)} s`);
+  loadMeter.group = server.group;
 
   const results = [];
   const d1Checks = [];
@@ -146,7 +148,7 @@ async function main() {
         const total = Number(seconds(scenarioStarted));
         console.log(
           `  ${scenario.name.padEnd(15)} ${String(load.requests).padStart(6)} requests in ${load.durationS} s` +
-            ` (${load.rps} req/s, p99 ${load.p99} ms); seeding and API checks ${Math.max(0, total - load.durationS).toFixed(1)} s`,
+            ` (${load.rps} req/s, p99 ${load.p99} ms, ${load.cpuUs ?? "?"} µs of main workerd CPU each); seeding and API checks ${Math.max(0, total - load.durationS).toFixed(1)} s`,
         );
         const reloads = server.reloads() - reloadsBefore;
         if (reloads) console.log(`  WARNING: the Worker was reloaded ${reloads} time(s) during ${scenario.name} (a source file changed)`);
