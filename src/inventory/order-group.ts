@@ -1,6 +1,6 @@
 import { isConstraintViolation } from "../db/errors";
 import { AppError, type ErrorCode } from "../lib/errors";
-import { KEY_UNIQUE, type Claim, type NewKey } from "../lib/idempotency";
+import type { Claim } from "../lib/idempotency";
 import { describeError, log } from "../lib/log";
 import {
   COUPON_FOR_ORDER_SQL,
@@ -24,9 +24,6 @@ import type { OutboxRow } from "../orders/outbox";
 //
 // On each failure:
 // - An order refused by its checks (coupon, balance) fails alone before the write; its units go back.
-// - An order under a new Idempotency-Key (no claim, the key is inserted with the order) whose key is
-//   found in use, or written by another request before the group's batch, fails alone as "key in use":
-//   its units go back and the Worker answers from the key (replay, 409, 422).
 // - The write batch refused by a constraint (a balance spent, a coupon used meanwhile): the batch is one
 //   transaction, so the group is written again one order per batch, and only the order a constraint
 //   refuses fails (its units go back; a stock CHECK also re-syncs the object).
@@ -48,8 +45,6 @@ export interface SingleProductOrder {
   /** The Worker's clock: the object never reads the wall clock for a business decision. */
   now: string;
   claim: Claim | null;
-  /** An Idempotency-Key never seen, inserted with the order instead of claimed first (see idempotency.ts). */
-  newKey?: NewKey | null;
   /** The Worker's request, for the logs and the order's queue messages. */
   requestId?: string;
 }
@@ -57,7 +52,7 @@ export interface SingleProductOrder {
 export type GroupOutcome =
   /** `stored`: this order's batch also stored the idempotent response (false for a replayed order). */
   | { ok: true; body: string; stored: boolean }
-  | { ok: false; code: ErrorCode; detail: string; outcomeUnknown?: boolean; keyInUse?: boolean };
+  | { ok: false; code: ErrorCode; detail: string; outcomeUnknown?: boolean };
 
 /** What the group tells the stock object about each order's units. */
 export interface GroupHooks {
@@ -115,7 +110,7 @@ export class OrderGroup {
   }
 
   private async run(waiting: Waiting[]): Promise<void> {
-    const group = oncePerKey(waiting, (w) => this.keyInUse(w));
+    const group = oncePerKey(waiting);
     let inputs: GroupInputs;
     try {
       inputs = await readGroupInputs(this.db, this.productId, group.map((w) => w.order));
@@ -126,10 +121,6 @@ export class OrderGroup {
     }
     const priced: Priced[] = [];
     for (const w of group) {
-      if (w.order.newKey && inputs.keysInUse.has(newKeyId(w.order.newKey))) {
-        this.keyInUse(w);
-        continue;
-      }
       const placed = inputs.placed.get(w.order.orderKey);
       if (placed !== undefined) {
         // Another run of this same keyed request committed it: its units are sold once (see settle).
@@ -147,7 +138,7 @@ export class OrderGroup {
   }
 
   private async write(group: Priced[]): Promise<void> {
-    const perOrder = group.map((p) => orderStatements(this.db, p.order.orderKey, p.row, p.order.claim, p.order.newKey));
+    const perOrder = group.map((p) => orderStatements(this.db, p.order.orderKey, p.row, p.order.claim));
     let results: D1Result<Record<string, unknown>>[];
     try {
       results = await this.db.batch<Record<string, unknown>>(perOrder.flat());
@@ -170,7 +161,7 @@ export class OrderGroup {
       at += count;
       outbox.push(...written.outbox);
       this.hooks.committed(p.order.orderKey);
-      p.answer({ ok: true, body: written.body, stored: p.order.claim !== null || Boolean(p.order.newKey) });
+      p.answer({ ok: true, body: written.body, stored: p.order.claim !== null });
     });
     log("info", "order group committed", { productId: this.productId, orders: group.length });
     this.hooks.dispatch(outbox, group.at(-1)!.order.now);
@@ -181,10 +172,6 @@ export class OrderGroup {
     if (isConstraintViolation(error, "orders.order_key")) {
       // Another run of this keyed request committed first: the next group's read finds it and answers.
       void this.submit(p.order).then(p.answer);
-      return;
-    }
-    if (isConstraintViolation(error, KEY_UNIQUE)) {
-      this.keyInUse(p);
       return;
     }
     const refusal = translateWriteError(error);
@@ -208,12 +195,6 @@ export class OrderGroup {
     w.answer({ ok: false, code: "SERVICE_UNAVAILABLE", detail: "The order could not be placed right now; retry shortly" });
   }
 
-  /** A new key already in use: nothing of this order was written, its units go back. */
-  private keyInUse(w: Waiting): void {
-    this.hooks.released(w.order.orderKey);
-    w.answer({ ok: false, code: "IDEMPOTENCY_IN_PROGRESS", detail: "The idempotency key is in use", keyInUse: true });
-  }
-
   private unknown(w: Waiting, error: unknown): void {
     log("error", "order group: write outcome unknown", {
       productId: this.productId,
@@ -235,52 +216,33 @@ export class OrderGroup {
  * Runs of one keyed request (a retry that took over a slow first run) in the same group are one order:
  * the first is placed and priced, and every run hears its outcome. Priced apart, the second would count
  * the same payment twice against one balance and could be refused for an order that is placed.
- * Two requests under one new key are two orders racing for the key: the second hears "key in use" once
- * the first is answered (the Worker then replays it), rather than fail the group's batch on the key.
  */
-function oncePerKey(waiting: Waiting[], keyInUse: (w: Waiting) => void): Waiting[] {
-  const byOrder = new Map<string, Waiting>();
-  const byNewKey = new Map<string, Waiting>();
-  const after = (earlier: Waiting, then: (outcome: GroupOutcome) => void) => {
+function oncePerKey(waiting: Waiting[]): Waiting[] {
+  const first = new Map<string, Waiting>();
+  for (const w of waiting) {
+    const earlier = first.get(w.order.orderKey);
+    if (!earlier) {
+      first.set(w.order.orderKey, { ...w });
+      continue;
+    }
     const answerEarlier = earlier.answer;
     earlier.answer = (outcome) => {
       answerEarlier(outcome);
-      then(outcome);
+      w.answer(outcome.ok ? { ...outcome, stored: false } : outcome);
     };
-  };
-  for (const w of waiting) {
-    const sameOrder = byOrder.get(w.order.orderKey);
-    if (sameOrder) {
-      after(sameOrder, (outcome) => w.answer(outcome.ok ? { ...outcome, stored: false } : outcome));
-      continue;
-    }
-    const newKey = w.order.newKey ? newKeyId(w.order.newKey) : null;
-    const sameKey = newKey === null ? undefined : byNewKey.get(newKey);
-    if (sameKey) {
-      after(sameKey, () => keyInUse(w));
-      continue;
-    }
-    const own = { ...w };
-    byOrder.set(w.order.orderKey, own);
-    if (newKey !== null) byNewKey.set(newKey, own);
   }
-  return [...byOrder.values()];
+  return [...first.values()];
 }
-
-const newKeyId = (newKey: NewKey) => JSON.stringify([newKey.scope, newKey.key]);
 
 interface GroupInputs {
   placed: Map<string, string>;
-  /** The new keys of the group that exist already (see newKeyId). */
-  keysInUse: Set<string>;
   /** Prices one order against the group's snapshot, counting what earlier orders of the group spent. */
   price(order: SingleProductOrder): OrderToWrite;
 }
 
 async function readGroupInputs(db: D1Database, productId: number, orders: SingleProductOrder[]): Promise<GroupInputs> {
   const json = (values: unknown[]) => JSON.stringify(values);
-  const newKeys = orders.flatMap((o) => (o.newKey ? [[o.newKey.scope, o.newKey.key]] : []));
-  const [productRows, userRows, couponRows, placedRows, keyRows] = await db.batch<Record<string, unknown>>([
+  const [productRows, userRows, couponRows, placedRows] = await db.batch<Record<string, unknown>>([
     db.prepare("SELECT id, name, price FROM products WHERE id = ?").bind(productId),
     db.prepare("SELECT id, balance FROM users WHERE id IN (SELECT value FROM json_each(?))").bind(json(orders.map((o) => o.userId))),
     db
@@ -289,12 +251,6 @@ async function readGroupInputs(db: D1Database, productId: number, orders: Single
     db
       .prepare(`SELECT o.order_key, ${orderJsonSql("o")} AS body FROM orders o WHERE o.order_key IN (SELECT value FROM json_each(?))`)
       .bind(json(orders.filter((o) => o.claim !== null).map((o) => o.orderKey))),
-    db
-      .prepare(
-        `SELECT k.scope, k.key FROM json_each(?) j
-         JOIN idempotency_keys k ON k.scope = json_extract(j.value, '$[0]') AND k.key = json_extract(j.value, '$[1]')`,
-      )
-      .bind(json(newKeys)),
   ]);
   const products = new Map((productRows!.results as unknown as ProductPrice[]).map((p) => [p.id, p]));
   const balances = new Map(userRows!.results.map((u) => [u.id as number, u.balance as number]));
@@ -303,7 +259,6 @@ async function readGroupInputs(db: D1Database, productId: number, orders: Single
   const usedCoupons = new Set<number>();
   return {
     placed,
-    keysInUse: new Set(keyRows!.results.map((k) => JSON.stringify([k.scope, k.key]))),
     price(order) {
       const balance = balances.get(order.userId);
       if (balance === undefined) throw new AppError("USER_NOT_FOUND", `User ${order.userId} does not exist`);

@@ -1,5 +1,4 @@
 import { AppError, OutcomeUnknownError } from "../lib/errors";
-import { KeyInUse } from "../lib/idempotency";
 import { SoldOutMarks } from "../lib/sold-out-marks";
 import { describeError, log } from "../lib/log";
 import { currentRequestId } from "../lib/request-context";
@@ -131,7 +130,6 @@ export async function placeSingleProductOrder(env: Env, line: StockLine, order: 
   const outcome = result.outcome!;
   if (outcome.ok) return { body: outcome.body, stored: outcome.stored };
   if (outcome.outcomeUnknown) throw new OutcomeUnknownError(outcome.detail);
-  if (outcome.keyInUse) throw new KeyInUse();
   throw new AppError(outcome.code, outcome.detail);
 }
 

@@ -35,11 +35,6 @@ import type { AppEnv, Db } from "../env";
  * told apart from one before it, so after `locked_until` the handler would run again, unless the handler
  * closes that gap: it gets the claim and can add `completeClaim(...)` to its own batch, so the effect and
  * the stored response commit together (orders do this).
- * A handler whose effect is one D1 batch can go further (`withNewKey`, a one-product order): for a key
- * not seen before it runs with no claim at all and inserts the key, done, in its own batch (`insertNewKey`).
- * That is one write where a claim costs two, and the key's row is what makes the effect happen once: two
- * runs racing both write, and the second batch fails whole on the key's UNIQUE. A handler that finds the
- * key in use (or loses that race) throws `KeyInUse`, and the claim path above answers.
  * Rows expire after 24 h; `purgeExpiredIdempotencyKeys` (cron) deletes them.
  */
 
@@ -66,34 +61,12 @@ function assertValidKey(key: string | undefined): void {
 
 type KeyRow = typeof idempotencyKeys.$inferSelect;
 
-export interface IdempotentOptions<R extends Response> {
+export interface IdempotentOptions {
   /**
    * A refusal the route can give before running anything (a product this isolate knows is sold out).
    * For a new key it is stored as the key's result in one write; a key in use takes the usual path.
    */
   refuseEarly?: () => AppError | null;
-  /**
-   * The handler again, for a key not seen before, when its effect's batch can insert the key itself
-   * (`insertNewKey`): tried first, with no claim. It throws `KeyInUse` when the key turns out to be in
-   * use; its AppError (4xx) is stored as the key's result in one write, as a refusal known early is.
-   */
-  withNewKey?: (newKey: NewKey) => Promise<R>;
-}
-
-/** A key run without a claim (see `withNewKey`): its handler inserts it, done, in the effect's own batch. */
-export interface NewKey {
-  scope: string;
-  key: string;
-  requestHash: string;
-  createdAt: string;
-  expiresAt: string;
-}
-
-/** The key of a `withNewKey` run was found in use, or written by another request first: nothing was done. */
-export class KeyInUse extends AppError {
-  constructor() {
-    super("IDEMPOTENCY_IN_PROGRESS", "A request with this idempotency key is still running");
-  }
 }
 
 /**
@@ -104,7 +77,7 @@ export class KeyInUse extends AppError {
 export async function idempotent<R extends Response>(
   c: Context<AppEnv>,
   handler: (claim: Claim | null) => Promise<R>,
-  options: IdempotentOptions<R> = {},
+  options: IdempotentOptions = {},
 ): Promise<R> {
   const key = c.req.header("Idempotency-Key");
   if (key === undefined) {
@@ -129,10 +102,6 @@ export async function idempotent<R extends Response>(
   if (early) {
     const refused = await storeEarlyRefusal(c, request, now, early);
     if (refused) return refused as R;
-  }
-  if (options.withNewKey) {
-    const done = await runWithNewKey(c, request, now, options.withNewKey);
-    if (done) return done as R;
   }
 
   // A claim released by a failing owner between our two reads is simply claimed again.
@@ -170,46 +139,6 @@ async function storeEarlyRefusal(c: Context<AppEnv>, request: ClaimRequest, now:
     .first();
   return stored !== null ? new Response(body, { status: response.status, headers: response.headers }) : null;
 }
-
-/**
- * Runs the handler for a key taken to be new, with no claim: its batch inserts the key with the effect.
- * Null when the key is in use (the usual path then replays, refuses, or claims it). A refusal (AppError,
- * 4xx) is stored as the key's result if the key is still new; a failure (5xx, outcome unknown) stores
- * nothing: the effect did not happen, or happened with its key, so a retry finds it.
- */
-async function runWithNewKey(
-  c: Context<AppEnv>,
-  request: ClaimRequest,
-  now: Date,
-  handler: (newKey: NewKey) => Promise<Response>,
-): Promise<Response | null> {
-  const { scope, key, requestHash } = request;
-  const newKey = { scope, key, requestHash, createdAt: now.toISOString(), expiresAt: new Date(now.getTime() + IDEMPOTENCY_TTL_MS).toISOString() };
-  try {
-    return await handler(newKey);
-  } catch (error) {
-    if (error instanceof KeyInUse) return null;
-    if (error instanceof AppError && error.status < 500) return storeEarlyRefusal(c, request, now, error);
-    throw error;
-  }
-}
-
-/**
- * A statement for the handler's own batch (after the effect's rows) that inserts a new key, done, with
- * its 200 response (the JSON text `bodySql` evaluates to). A plain INSERT: a key written meanwhile fails
- * the batch on the key's UNIQUE, so the effect is not applied a second time. `bodySql` is our SQL.
- */
-export function insertNewKey(db: D1Database, newKey: NewKey, bodySql: string, ...bodyParams: unknown[]): D1PreparedStatement {
-  return db
-    .prepare(
-      `INSERT INTO idempotency_keys (scope, key, request_hash, state, response_status, response_body, locked_until, created_at, expires_at)
-       VALUES (?, ?, ?, 'DONE', 200, (${bodySql}), ?, ?, ?)`,
-    )
-    .bind(newKey.scope, newKey.key, newKey.requestHash, ...bodyParams, newKey.createdAt, newKey.createdAt, newKey.expiresAt);
-}
-
-/** The UNIQUE of a key, as D1 names it when `insertNewKey` finds the key written meanwhile. */
-export const KEY_UNIQUE = "idempotency_keys.scope, idempotency_keys.key";
 
 /** SHA-256 (hex) of what makes two requests "the same": method, path and the raw body. */
 export async function requestFingerprint(method: string, path: string, body: string): Promise<string> {

@@ -1,6 +1,6 @@
 import { isConstraintViolation } from "../db/errors";
 import { AppError } from "../lib/errors";
-import { completeClaim, insertNewKey, type Claim, type NewKey } from "../lib/idempotency";
+import { completeClaim, type Claim } from "../lib/idempotency";
 import { discountFor, type DiscountType } from "../lib/money";
 import type { OutboxRow } from "./outbox";
 import { orderJsonSql } from "./queries";
@@ -85,17 +85,11 @@ function assertCouponUsable(coupon: CouponForOrder, userId: number, totalAmount:
 }
 
 /**
- * The statements that write one order: every row of it, its Idempotency-Key (a claim or a new key) included. Run
+ * The statements that write one order: every row of it, the idempotency claim (if any) included. Run
  * alone or with other orders' in one batch, they change together or not at all; the last one selects the
  * order as JSON (see writtenOrder).
  */
-export function orderStatements(
-  db: D1Database,
-  orderKey: string,
-  order: OrderToWrite,
-  claim: Claim | null,
-  newKey: NewKey | null = null,
-): D1PreparedStatement[] {
+export function orderStatements(db: D1Database, orderKey: string, order: OrderToWrite, claim: Claim | null): D1PreparedStatement[] {
   const { userId, items, totalAmount, discountAmount, paidAmount, userCouponId, createdAt } = order;
   const orderId = "(SELECT id FROM orders WHERE order_key = ?)";
   // Lists are keyset-paged by created_at: a row must never be older than one already committed, or a
@@ -181,7 +175,6 @@ export function orderStatements(
 
   const orderJson = `SELECT ${orderJsonSql("o")} FROM orders o WHERE o.order_key = ?`;
   if (claim) statements.push(completeClaim(db, claim, orderJson, orderKey));
-  if (newKey) statements.push(insertNewKey(db, newKey, orderJson, orderKey));
   statements.push(db.prepare(`SELECT o.id, ${orderJsonSql("o")} AS body FROM orders o WHERE o.order_key = ?`).bind(orderKey));
 
   return statements;

@@ -14,7 +14,7 @@ import {
 } from "../inventory/stock";
 import { describeError, log } from "../lib/log";
 import { currentRequestId } from "../lib/request-context";
-import type { Claim, NewKey } from "../lib/idempotency";
+import type { Claim } from "../lib/idempotency";
 import {
   COUPON_FOR_ORDER_SQL,
   placedOrderJson,
@@ -36,8 +36,6 @@ export interface PlaceOrderDeps {
   defer: (work: Promise<unknown>) => void;
   /** The request's idempotency claim, completed in the order's own batch. */
   claim: Claim | null;
-  /** Or its new Idempotency-Key, inserted with the order (one-product orders only; see idempotency.ts). */
-  newKey?: NewKey;
 }
 
 /**
@@ -61,7 +59,6 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
   // took over a crashed or slow first run) writes the same UNIQUE order key, so only one order exists.
   const orderKey = deps.claim ? `idem:${deps.claim.effectRef}` : crypto.randomUUID();
   const [only, ...more] = input.items;
-  if (deps.newKey && more.length > 0) throw new Error("a new key is inserted with one-product orders only");
   if (more.length === 0) {
     // One product: its object places the order from reservation to commit, in a group commit with the
     // product's other orders (the lookup of an order already placed under this key is in its read).
@@ -72,7 +69,6 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
       userCouponId: input.userCouponId ?? null,
       now: deps.clock.now().toISOString(),
       claim: deps.claim,
-      newKey: deps.newKey ?? null,
       requestId: currentRequestId(),
     });
     if (deps.claim && placed.stored) deps.claim.storedWithEffect = true;

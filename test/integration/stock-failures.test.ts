@@ -302,7 +302,7 @@ describe("a re-sync racing a group commit", () => {
     // write commits, and hands its snapshot back only when `reloadHeld` opens.
     const restore = inject(env.DB, "batch", (batch) =>
       (async (statements: D1PreparedStatement[]) => {
-        if (statements.length > 5) await writeHeld.opened;
+        if (statements.length > 4) await writeHeld.opened;
         const results = await batch(statements);
         if (statements.length === 3) {
           reloadRead = true;
