@@ -1,6 +1,6 @@
 import { isConstraintViolation } from "../db/errors";
 import { AppError, type ErrorCode } from "../lib/errors";
-import type { Claim } from "../lib/idempotency";
+import { claimNewKeys, claimsMade, type Claim, type ClaimToMake } from "../lib/idempotency";
 import { describeError, log } from "../lib/log";
 import {
   COUPON_FOR_ORDER_SQL,
@@ -15,12 +15,19 @@ import {
 } from "../orders/order-ledger";
 import { orderJsonSql } from "../orders/queries";
 import type { OutboxRow } from "../orders/outbox";
+import type { ReserveResult } from "./product-stock";
 
 // Group commit for the orders of one product, run by its stock object after it reserved their units:
 // whatever is admitted while one group is being written forms the next group, which costs one D1 read
 // batch (prices, balances, coupons, orders already placed under the same keys) and one D1 write batch
 // (every row of every order in it), however many orders it holds. Each caller hears back once its own
 // rows are committed.
+//
+// An order under an Idempotency-Key the Worker has not claimed (`claimToMake`) is claimed here, with the
+// group's other new keys, by the first statement of the group's read, and only then reserved: its units
+// are taken once its claim is committed, as if the Worker had claimed it first, for one write per group
+// instead of one per order. A key that already has a row is answered "key in use" (nothing held) and the
+// Worker answers from the key (replay, 409, 422, a takeover).
 //
 // On each failure:
 // - An order refused by its checks (coupon, balance) fails alone before the write; its units go back.
@@ -45,17 +52,26 @@ export interface SingleProductOrder {
   /** The Worker's clock: the object never reads the wall clock for a business decision. */
   now: string;
   claim: Claim | null;
+  /** An Idempotency-Key the Worker did not claim: claimed here, then reserved (`orderKey` is then replaced). */
+  claimToMake?: ClaimToMake | null;
   /** The Worker's request, for the logs and the order's queue messages. */
   requestId?: string;
 }
 
-export type GroupOutcome =
+export type GroupOutcome = (
   /** `stored`: this order's batch also stored the idempotent response (false for a replayed order). */
   | { ok: true; body: string; stored: boolean }
-  | { ok: false; code: ErrorCode; detail: string; outcomeUnknown?: boolean };
+  /** `stock`: the reservation's refusal (of an order claimed here); `keyInUse`: its key had a row. */
+  | { ok: false; code: ErrorCode; detail: string; outcomeUnknown?: boolean; stock?: ReserveResult; keyInUse?: boolean }
+) & {
+  /** The claim this group made for the order (`claimToMake`), for the Worker to finish. */
+  claim?: Claim;
+};
 
 /** What the group tells the stock object about each order's units. */
 export interface GroupHooks {
+  /** Takes the units of an order claimed by the group, or refuses. */
+  reserve(order: SingleProductOrder): Promise<ReserveResult>;
   committed(orderKey: string): void;
   released(orderKey: string): void;
   unknown(orderKey: string): void;
@@ -64,6 +80,7 @@ export interface GroupHooks {
 }
 
 interface Waiting {
+  /** Replaced once the group claims its key (`claimToMake`). */
   order: SingleProductOrder;
   answer(outcome: GroupOutcome): void;
 }
@@ -120,7 +137,23 @@ export class OrderGroup {
       return;
     }
     const priced: Priced[] = [];
-    for (const w of group) {
+    for (const [i, w] of group.entries()) {
+      if (w.order.claimToMake) {
+        const claim = inputs.claims[i];
+        if (!claim) {
+          w.answer({ ok: false, code: "IDEMPOTENCY_IN_PROGRESS", detail: "The idempotency key already has a row", keyInUse: true });
+          continue;
+        }
+        // From here on it is a claimed order, as if the Worker had claimed it: same order key, same answers.
+        w.order = { ...w.order, orderKey: `idem:${claim.effectRef}`, claim, claimToMake: null };
+        const answer = w.answer;
+        w.answer = (outcome) => answer({ ...outcome, claim });
+        const stock = await this.hooks.reserve(w.order);
+        if (!stock.ok) {
+          w.answer({ ok: false, code: stock.reason, detail: "refused by the stock object", stock });
+          continue;
+        }
+      }
       const placed = inputs.placed.get(w.order.orderKey);
       if (placed !== undefined) {
         // Another run of this same keyed request committed it: its units are sold once (see settle).
@@ -236,13 +269,19 @@ function oncePerKey(waiting: Waiting[]): Waiting[] {
 
 interface GroupInputs {
   placed: Map<string, string>;
+  /** The claim made for each order of the group (by position), for those with `claimToMake`. */
+  claims: (Claim | null)[];
   /** Prices one order against the group's snapshot, counting what earlier orders of the group spent. */
   price(order: SingleProductOrder): OrderToWrite;
 }
 
 async function readGroupInputs(db: D1Database, productId: number, orders: SingleProductOrder[]): Promise<GroupInputs> {
   const json = (values: unknown[]) => JSON.stringify(values);
-  const [productRows, userRows, couponRows, placedRows] = await db.batch<Record<string, unknown>>([
+  const toMake = orders.flatMap((o) => (o.claimToMake ? [o.claimToMake] : []));
+  // The claims first: the reads below see the group's own claims, and a D1 that cannot be read claims nothing.
+  const claiming = toMake.length > 0 ? [claimNewKeys(db, toMake)] : [];
+  const results = await db.batch<Record<string, unknown>>([
+    ...claiming,
     db.prepare("SELECT id, name, price FROM products WHERE id = ?").bind(productId),
     db.prepare("SELECT id, balance FROM users WHERE id IN (SELECT value FROM json_each(?))").bind(json(orders.map((o) => o.userId))),
     db
@@ -252,13 +291,18 @@ async function readGroupInputs(db: D1Database, productId: number, orders: Single
       .prepare(`SELECT o.order_key, ${orderJsonSql("o")} AS body FROM orders o WHERE o.order_key IN (SELECT value FROM json_each(?))`)
       .bind(json(orders.filter((o) => o.claim !== null).map((o) => o.orderKey))),
   ]);
+  const [productRows, userRows, couponRows, placedRows] = results.slice(claiming.length);
+  const claimRows = claiming.length > 0 ? results[0]!.results : [];
   const products = new Map((productRows!.results as unknown as ProductPrice[]).map((p) => [p.id, p]));
   const balances = new Map(userRows!.results.map((u) => [u.id as number, u.balance as number]));
   const coupons = new Map((couponRows!.results as unknown as CouponForOrder[]).map((c) => [c.id, c]));
   const placed = new Map(placedRows!.results.map((r) => [r.order_key as string, r.body as string]));
+  const made = await claimsMade(toMake, claimRows);
+  const claims = orders.map((o) => (o.claimToMake ? made.shift()! : null));
   const usedCoupons = new Set<number>();
   return {
     placed,
+    claims,
     price(order) {
       const balance = balances.get(order.userId);
       if (balance === undefined) throw new AppError("USER_NOT_FOUND", `User ${order.userId} does not exist`);

@@ -131,6 +131,11 @@ export class ProductStock extends DurableObject<Env> {
    * the order and settles its units.
    */
   async placeOrder(productId: number, order: SingleProductOrder): Promise<{ stock: ReserveResult; outcome?: GroupOutcome }> {
+    // A key the Worker did not claim is claimed by the group first, then reserved there (see order-group.ts).
+    if (order.claimToMake) {
+      const outcome = await this.orderGroup(productId).submit(order);
+      return { stock: (!outcome.ok && outcome.stock) || { ok: true, available: this.available() }, outcome };
+    }
     // An unkeyed order's key is a fresh UUID, and a claim that began its key's life now has a fresh effect:
     // neither can have an entry here yet, so the lookup of one is skipped (a takeover's key is looked up).
     const newKey = order.claim === null || order.claim.fresh === true;
@@ -298,6 +303,8 @@ export class ProductStock extends DurableObject<Env> {
 
   private orderGroup(productId: number): OrderGroup {
     this.orders ??= new OrderGroup(this.env.DB, productId, {
+      // A claim made by the group just now began its key's life: no entry can exist under its order key.
+      reserve: (order) => withRequestId(order.requestId, () => this.take(productId, order.orderKey, order.quantity, order.userId, true)),
       committed: (key) => this.settle(key, true),
       released: (key) => void this.drop(key),
       unknown: (key) => void this.settleSoon(productId, key),

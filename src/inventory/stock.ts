@@ -1,4 +1,5 @@
 import { AppError, OutcomeUnknownError } from "../lib/errors";
+import { KeyInUse } from "../lib/idempotency";
 import { SoldOutMarks } from "../lib/sold-out-marks";
 import { describeError, log } from "../lib/log";
 import { currentRequestId } from "../lib/request-context";
@@ -109,6 +110,8 @@ function refusalError(line: StockLine, result: Refused): AppError {
  */
 export async function placeSingleProductOrder(env: Env, line: StockLine, order: SingleProductOrder): Promise<{ body: string; stored: boolean }> {
   // A keyed order that took over a crashed run always asks: that run may have placed it, to be replayed.
+  // (A key still to be claimed is asked about only if the product is not known sold out: the refusal is
+  // then stored under the key if it has no row, in one write.)
   const marked = order.claim === null || order.claim.fresh ? soldOutRefusal(line.productId) : null;
   if (marked) throw marked;
   let result: Awaited<ReturnType<DurableObjectStub<ProductStock>["placeOrder"]>>;
@@ -121,6 +124,9 @@ export async function placeSingleProductOrder(env: Env, line: StockLine, order: 
     }
     throw new OutcomeUnknownError("The order may or may not have been placed; retry with the same Idempotency-Key", { cause: error });
   }
+  // The claim the object made for a key the Worker did not claim: the Worker finishes it, whatever follows.
+  if (order.claimToMake && result.outcome?.claim) order.claimToMake.made = result.outcome.claim;
+  if (result.outcome?.ok === false && result.outcome.keyInUse) throw new KeyInUse();
   if (!result.stock.ok) {
     if (result.stock.reason === "OUT_OF_STOCK" && result.stock.available === 0) {
       soldOut.mark(line.productId);

@@ -35,6 +35,9 @@ import type { AppEnv, Db } from "../env";
  * told apart from one before it, so after `locked_until` the handler would run again, unless the handler
  * closes that gap: it gets the claim and can add `completeClaim(...)` to its own batch, so the effect and
  * the stored response commit together (orders do this).
+ * A handler can also make the claim itself (`claimInHandler`): an order of one product is claimed by that
+ * product's stock object, for a whole group of orders in one D1 batch, before it reserves anything. The
+ * claim is the same row with the same meaning; only who writes it, and how many at once, differ.
  * Rows expire after 24 h; `purgeExpiredIdempotencyKeys` (cron) deletes them.
  */
 
@@ -67,6 +70,28 @@ export interface IdempotentOptions {
    * For a new key it is stored as the key's result in one write; a key in use takes the usual path.
    */
   refuseEarly?: () => AppError | null;
+  /**
+   * The handler again, making the claim itself in its first D1 batch (see `claimNewKeys`), tried first. It
+   * records the claim it made in `toMake.made`; it throws `KeyInUse` when the key already had a row, and the
+   * usual path (replay, 409, 422, a takeover, a new life) then answers. A refusal (4xx) thrown before any
+   * claim was made is stored as the key's result in one write, as a refusal known early is.
+   */
+  claimInHandler?: (toMake: ClaimToMake) => Promise<Response>;
+}
+
+/** A claim for a handler to make (`claimInHandler`): the row `claimNewKeys` inserts if the key has none. */
+export interface ClaimToMake extends ClaimRequest {
+  createdAt: string;
+  expiresAt: string;
+  /** Set by the handler once its batch made the claim. */
+  made: Claim | null;
+}
+
+/** The key of a `claimInHandler` run already had a row: nothing was claimed, nothing done. */
+export class KeyInUse extends Error {
+  constructor() {
+    super("the idempotency key already has a row");
+  }
 }
 
 /**
@@ -102,6 +127,10 @@ export async function idempotent<R extends Response>(
   if (early) {
     const refused = await storeEarlyRefusal(c, request, now, early);
     if (refused) return refused as R;
+  }
+  if (options.claimInHandler) {
+    const answered = await runClaimingHandler(c, db, request, now, options.claimInHandler);
+    if (answered) return answered as R;
   }
 
   // A claim released by a failing owner between our two reads is simply claimed again.
@@ -221,6 +250,38 @@ async function tryClaim(d1: D1Database, claim: ClaimRequest, now: Date): Promise
   return { ...claim, effectRef: await effectRefOf(claim.scope, claim.key, life), fresh: life === at };
 }
 
+/**
+ * One statement, for a handler's first batch, that claims every key of `toMake` that has no row yet (a key
+ * with any row, even expired or crashed, is left to the usual path). Its rows (scope, key) are the keys
+ * claimed; `claimsMade` turns them into claims. Two of `toMake` under one key: only the first is claimed.
+ */
+export function claimNewKeys(db: D1Database, toMake: ClaimToMake[]): D1PreparedStatement {
+  const rows = toMake.map((t) => [t.scope, t.key, t.requestHash, t.lockedUntil, t.createdAt, t.expiresAt]);
+  return db
+    .prepare(
+      `INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at)
+       SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), 'IN_PROGRESS',
+         json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]')
+       FROM json_each(?) WHERE true
+       ON CONFLICT DO NOTHING RETURNING scope, key`,
+    )
+    .bind(JSON.stringify(rows));
+}
+
+/** The claim `claimNewKeys` made for each of `toMake` (in order), from its rows; null where none was. */
+export async function claimsMade(toMake: ClaimToMake[], rows: Record<string, unknown>[]): Promise<(Claim | null)[]> {
+  const id = (k: { scope: unknown; key: unknown }) => JSON.stringify([k.scope, k.key]);
+  const claimed = new Set(rows.map((r) => id(r as { scope: unknown; key: unknown })));
+  return Promise.all(
+    toMake.map(async (t) => {
+      // The first of two under one key took it (json_each keeps their order): the second is refused.
+      if (!claimed.delete(id(t))) return null;
+      const { scope, key, requestHash, lockedUntil } = t;
+      return { scope, key, requestHash, lockedUntil, effectRef: await effectRefOf(scope, key, t.createdAt), fresh: true };
+    }),
+  );
+}
+
 /** The effect reference of a key's life, the one that began at `createdAt`. */
 export function effectRefOf(scope: string, key: string, createdAt: string): Promise<string> {
   return sha256Hex(`${scope}\n${key}\n${createdAt}`);
@@ -261,15 +322,54 @@ async function runClaimed(
   try {
     response = await handler(claim);
   } catch (error) {
-    // The effect may have happened: keep the claim, so a retry after the lock takes it over with the
-    // same effectRef and finds (or completes) that effect rather than making another.
-    if (error instanceof OutcomeUnknownError) throw error;
-    if (!(error instanceof AppError) || error.status >= 500) {
-      await release(db, claim);
-      throw error;
-    }
-    response = problemResponse(c, error);
+    return finishClaimedWithError(c, db, claim, error);
   }
+  return finishClaimed(c, db, claim, response);
+}
+
+/**
+ * The handler claimed the key itself (`claimInHandler`). Null when the key already had a row; a refusal
+ * before any claim is stored in one write (null if the key got a row meanwhile).
+ */
+async function runClaimingHandler(
+  c: Context<AppEnv>,
+  db: Db,
+  request: ClaimRequest,
+  now: Date,
+  handler: (toMake: ClaimToMake) => Promise<Response>,
+): Promise<Response | null> {
+  const toMake: ClaimToMake = {
+    ...request,
+    createdAt: now.toISOString(),
+    expiresAt: new Date(now.getTime() + IDEMPOTENCY_TTL_MS).toISOString(),
+    made: null,
+  };
+  let response: Response;
+  try {
+    response = await handler(toMake);
+  } catch (error) {
+    if (toMake.made) return finishClaimedWithError(c, db, toMake.made, error);
+    if (error instanceof KeyInUse) return null;
+    if (error instanceof AppError && error.status < 500) return storeEarlyRefusal(c, request, now, error);
+    throw error;
+  }
+  if (!toMake.made) throw new Error("a claiming handler answered without a claim");
+  return finishClaimed(c, db, toMake.made, response);
+}
+
+async function finishClaimedWithError(c: Context<AppEnv>, db: Db, claim: Claim, error: unknown): Promise<Response> {
+  // The effect may have happened: keep the claim, so a retry after the lock takes it over with the
+  // same effectRef and finds (or completes) that effect rather than making another.
+  if (error instanceof OutcomeUnknownError) throw error;
+  if (!(error instanceof AppError) || error.status >= 500) {
+    await release(db, claim);
+    throw error;
+  }
+  return finishClaimed(c, db, claim, problemResponse(c, error));
+}
+
+/** Stores the handler's response in the claim (unless its batch did), or releases the claim on a 5xx. */
+async function finishClaimed(c: Context<AppEnv>, db: Db, claim: Claim, response: Response): Promise<Response> {
   if (response.status >= 500) {
     await release(db, claim);
     return response;

@@ -14,7 +14,7 @@ import {
 } from "../inventory/stock";
 import { describeError, log } from "../lib/log";
 import { currentRequestId } from "../lib/request-context";
-import type { Claim } from "../lib/idempotency";
+import type { Claim, ClaimToMake } from "../lib/idempotency";
 import {
   COUPON_FOR_ORDER_SQL,
   placedOrderJson,
@@ -36,6 +36,8 @@ export interface PlaceOrderDeps {
   defer: (work: Promise<unknown>) => void;
   /** The request's idempotency claim, completed in the order's own batch. */
   claim: Claim | null;
+  /** Or its Idempotency-Key unclaimed, for the product's object to claim (one-product orders only). */
+  claimToMake?: ClaimToMake;
 }
 
 /**
@@ -59,6 +61,7 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
   // took over a crashed or slow first run) writes the same UNIQUE order key, so only one order exists.
   const orderKey = deps.claim ? `idem:${deps.claim.effectRef}` : crypto.randomUUID();
   const [only, ...more] = input.items;
+  if (deps.claimToMake && more.length > 0) throw new Error("only a one-product order is claimed by its object");
   if (more.length === 0) {
     // One product: its object places the order from reservation to commit, in a group commit with the
     // product's other orders (the lookup of an order already placed under this key is in its read).
@@ -69,9 +72,11 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
       userCouponId: input.userCouponId ?? null,
       now: deps.clock.now().toISOString(),
       claim: deps.claim,
+      claimToMake: deps.claimToMake ?? null,
       requestId: currentRequestId(),
     });
-    if (deps.claim && placed.stored) deps.claim.storedWithEffect = true;
+    const claim = deps.claim ?? deps.claimToMake?.made;
+    if (claim && placed.stored) claim.storedWithEffect = true;
     return placed.body;
   }
   if (deps.claim) {

@@ -8,7 +8,7 @@ import { pageQuery, pageSchema } from "../lib/pagination";
 import { queuesOf } from "./outbox";
 import { positiveIntegerSetting } from "../lib/settings";
 import { cancelOrder } from "./cancel-order";
-import { knownSoldOut, placeOrder } from "./place-order";
+import { knownSoldOut, placeOrder, type PlaceOrderDeps } from "./place-order";
 import { getOrderJson, listOrders } from "./queries";
 import { CancelOrderBody, OrderSchema, PlaceOrderBody, type OrderDto } from "./schemas";
 
@@ -32,22 +32,30 @@ export const orderRoutes = createRouter()
     async (c) => {
       const input = c.req.valid("json");
       const userId = actingUserId(c.get("caller"), input.userId);
-      // The order runs to its end even if the client hangs up (Workers cancel what is not under waitUntil):
-      // from its reservation on, only its own end commits or gives back what it holds.
-      return runToEnd(c.executionCtx, idempotent(c, async (claim) => {
+      const place = async (key: Pick<PlaceOrderDeps, "claim" | "claimToMake">) => {
         const order = await placeOrder(
           {
             env: c.env,
             clock: c.get("clock"),
             queues: queuesOf(c.env),
             defer: (work) => c.executionCtx.waitUntil(work),
-            claim,
+            ...key,
           },
           userId,
           input,
         );
         return jsonText<OrderDto>(c, order);
-      }, { refuseEarly: () => knownSoldOut(input) }));
+      };
+      // The order runs to its end even if the client hangs up (Workers cancel what is not under waitUntil):
+      // from its reservation on, only its own end commits or gives back what it holds. The Idempotency-Key
+      // of a one-product order is claimed by the product's object, with its group's other keys.
+      return runToEnd(
+        c.executionCtx,
+        idempotent(c, (claim) => place({ claim }), {
+          refuseEarly: () => knownSoldOut(input),
+          claimInHandler: input.items.length === 1 ? (claimToMake) => place({ claim: null, claimToMake }) : undefined,
+        }),
+      );
     },
   )
   .openapi(

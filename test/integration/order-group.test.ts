@@ -3,7 +3,7 @@ import { describe, expect, it } from "vitest";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
 import { makeProduct, makeUser } from "../helpers/factories";
-import { gate, inject } from "../helpers/faults";
+import { d1Down, gate, inject } from "../helpers/faults";
 import { requestFingerprint } from "../../src/lib/idempotency";
 
 // One product's orders are written by its stock object in group commits: many orders per D1 batch,
@@ -232,5 +232,110 @@ describe("runs of one keyed request", () => {
     expect(await all("SELECT id FROM orders WHERE user_id = ?", user.id)).toHaveLength(1);
     expect(await walletInvariant(user.id)).toEqual({ balance: 0, ledger: 0, newest: 0 });
     await expect.poll(() => stub.snapshot(product.id)).toEqual({ stock: 8, reserved: 0, available: 8 });
+  });
+});
+
+describe("the Idempotency-Keys of one product's orders, claimed by its object", () => {
+  const keyedOrder = (token: string, productId: number, key: string) =>
+    call("POST", "/api/orders", { token, headers: { "Idempotency-Key": key }, body: { items: [{ productId, quantity: 1 }] } });
+
+  /** The SQL the code under test prepares while `work` runs. */
+  async function preparedDuring<T>(work: () => Promise<T>): Promise<{ result: T; sql: string[] }> {
+    const sql: string[] = [];
+    const restore = inject(env.DB, "prepare", (prepare) => ((query: string) => {
+      sql.push(query);
+      return prepare(query);
+    }) as typeof prepare);
+    try {
+      return { result: await work(), sql };
+    } finally {
+      restore();
+    }
+  }
+  const claimedByObject = (sql: string) => sql.includes("IN_PROGRESS") && sql.includes("json_each");
+  const claimedByWorker = (sql: string) => sql.includes("IN_PROGRESS") && sql.includes("DO UPDATE");
+
+  it("a group's new keys are claimed in its one read batch, not by the Worker; each key stores its order's response", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 30 });
+    const crowd = await buyers(20);
+    const { result: placed, sql } = await preparedDuring(() =>
+      Promise.all(crowd.map((b, i) => keyedOrder(b.token, product.id, `object-claim-${i}`))),
+    );
+    expect(placed.map((r) => r.status)).toEqual(crowd.map(() => 200));
+    expect(sql.filter(claimedByWorker)).toEqual([]);
+    const claimStatements = sql.filter(claimedByObject).length;
+    expect(claimStatements).toBeGreaterThan(0);
+    expect(claimStatements).toBeLessThan(20);
+    for (const [i, b] of crowd.entries()) {
+      expect(await one("SELECT state, response_status, response_body FROM idempotency_keys WHERE scope = ? AND key = ?", `user:${b.id}`, `object-claim-${i}`)).toEqual({
+        state: "DONE",
+        response_status: 200,
+        response_body: placed[i]!.text,
+      });
+    }
+    const replay = await keyedOrder(crowd[3]!.token, product.id, "object-claim-3");
+    expect(replay.headers.get("Idempotent-Replayed")).toBe("true");
+    expect(replay.text).toBe(placed[3]!.text);
+    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 10, reserved: 0, available: 10 });
+  });
+
+  for (const { name, stock, maxPerUser } of [
+    { name: "the last unit", stock: 1, maxPerUser: undefined },
+    { name: "a limit of one per customer", stock: 10, maxPerUser: 1 },
+  ]) {
+    it(`10 parallel requests under one key for ${name}: one order; the others replay it or hear 409, never a refusal`, async () => {
+      const product = await makeProduct({ price: 1_000, stock, maxPerUser });
+      const [b] = await buyers(1);
+      const results = await Promise.all(Array.from({ length: 10 }, () => keyedOrder(b!.token, product.id, "double-submit")));
+      const placed = results.filter((r) => r.status === 200);
+      expect(placed.length).toBeGreaterThanOrEqual(1);
+      expect(new Set(placed.map((r) => r.text)).size).toBe(1);
+      for (const r of results.filter((r) => r.status !== 200)) expectProblem(r, 409, "IDEMPOTENCY_IN_PROGRESS");
+      expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
+      expect(await walletInvariant(b!.id)).toEqual({ balance: 49_000, ledger: 49_000, newest: 49_000 });
+      await expect.poll(() => stockObject(product.id).snapshot(product.id)).toEqual({ stock: stock - 1, reserved: 0, available: stock - 1 });
+    });
+  }
+
+  it("a group whose claim-and-read batch fails claims nothing and holds nothing: 503, and the retry is placed at once", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    const [b] = await buyers(1);
+    let failed = false;
+    const restore = inject(env.DB, "batch", (batch) =>
+      (async (statements: D1PreparedStatement[]) => {
+        // The group's read with one claim: 5 statements.
+        if (!failed && statements.length === 5) {
+          failed = true;
+          throw d1Down();
+        }
+        return batch(statements);
+      }) as typeof batch,
+    );
+    let first;
+    try {
+      first = await keyedOrder(b!.token, product.id, "read-failed");
+    } finally {
+      restore();
+    }
+    expect(failed).toBe(true);
+    expectProblem(first, 503, "SERVICE_UNAVAILABLE");
+    expect(await all("SELECT key FROM idempotency_keys WHERE scope = ?", `user:${b!.id}`)).toEqual([]);
+    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
+    const retry = await keyedOrder(b!.token, product.id, "read-failed");
+    expect(retry.status).toBe(200);
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
+  });
+
+  it("a refusal after the object's claim is stored in that claim and replayed: the balance short, then funded", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    const [b] = await buyers(1, 500);
+    const refused = await keyedOrder(b!.token, product.id, "short");
+    expectProblem(refused, 400, "INSUFFICIENT_BALANCE");
+    await fund(b!.id, 10_000);
+    const again = await keyedOrder(b!.token, product.id, "short");
+    expect(again.text).toBe(refused.text);
+    expect(again.headers.get("Idempotent-Replayed")).toBe("true");
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(0);
+    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
   });
 });
