@@ -1,6 +1,6 @@
 import { isConstraintViolation } from "../db/errors";
 import { AppError, type ErrorCode } from "../lib/errors";
-import { claimNewKeys, claimsMade, type Claim, type ClaimToMake } from "../lib/idempotency";
+import { claimNewKeys, claimOf, claimsMade, type Claim, type ClaimToMake } from "../lib/idempotency";
 import { describeError, log } from "../lib/log";
 import {
   COUPON_FOR_ORDER_SQL,
@@ -133,7 +133,14 @@ export class OrderGroup {
       inputs = await readGroupInputs(this.db, this.productId, group.map((w) => w.order));
     } catch (error) {
       log("error", "order group: D1 read failed", { productId: this.productId, ...describeError(error) });
-      for (const w of group) this.refuse(w, new AppError("SERVICE_UNAVAILABLE", "The order could not be placed right now; retry shortly"));
+      const unavailable = new AppError("SERVICE_UNAVAILABLE", "The order could not be placed right now; retry shortly");
+      for (const w of group) {
+        // Its claim may have been committed all the same (a lost reply): handed back, the Worker releases
+        // it by its owner token (a no-op if it never landed), so the retry is not kept waiting for the lock.
+        const claim = w.order.claimToMake ? await claimOf(w.order.claimToMake) : undefined;
+        const answer = w.answer;
+        this.refuse({ ...w, answer: (outcome) => answer({ ...outcome, claim }) }, unavailable);
+      }
       return;
     }
     const priced: Priced[] = [];
@@ -148,7 +155,13 @@ export class OrderGroup {
         w.order = { ...w.order, orderKey: `idem:${claim.effectRef}`, claim, claimToMake: null };
         const answer = w.answer;
         w.answer = (outcome) => answer({ ...outcome, claim });
-        const stock = await this.hooks.reserve(w.order);
+        let stock: ReserveResult;
+        try {
+          stock = await this.hooks.reserve(w.order);
+        } catch (error) {
+          this.refuse(w, error);
+          continue;
+        }
         if (!stock.ok) {
           w.answer({ ok: false, code: stock.reason, detail: "refused by the stock object", stock });
           continue;

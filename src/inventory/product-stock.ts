@@ -131,11 +131,7 @@ export class ProductStock extends DurableObject<Env> {
    * the order and settles its units.
    */
   async placeOrder(productId: number, order: SingleProductOrder): Promise<{ stock: ReserveResult; outcome?: GroupOutcome }> {
-    // A key the Worker did not claim is claimed by the group first, then reserved there (see order-group.ts).
-    if (order.claimToMake) {
-      const outcome = await this.orderGroup(productId).submit(order);
-      return { stock: (!outcome.ok && outcome.stock) || { ok: true, available: this.available() }, outcome };
-    }
+    if (order.claimToMake) throw new Error("an order whose key is to be claimed goes to placeOrderClaiming");
     // An unkeyed order's key is a fresh UUID, and a claim that began its key's life now has a fresh effect:
     // neither can have an entry here yet, so the lookup of one is skipped (a takeover's key is looked up).
     const newKey = order.claim === null || order.claim.fresh === true;
@@ -144,6 +140,16 @@ export class ProductStock extends DurableObject<Env> {
     );
     if (!stock.ok) return { stock };
     return { stock, outcome: await this.orderGroup(productId).submit(order) };
+  }
+
+  /**
+   * An order of this product alone under an Idempotency-Key the Worker has not claimed: the group claims
+   * it with the other new keys of the group, then reserves its units (see order-group.ts). A method of its
+   * own, so that an object still running older code refuses it instead of ignoring the key.
+   */
+  async placeOrderClaiming(productId: number, order: SingleProductOrder): Promise<{ stock: ReserveResult; outcome: GroupOutcome }> {
+    const outcome = await this.orderGroup(productId).submit(order);
+    return { stock: (!outcome.ok && outcome.stock) || { ok: true, available: this.available() }, outcome };
   }
 
   /** D1 write batches of order groups and the orders in them, since this life began: for operations. */

@@ -110,14 +110,17 @@ function refusalError(line: StockLine, result: Refused): AppError {
  */
 export async function placeSingleProductOrder(env: Env, line: StockLine, order: SingleProductOrder): Promise<{ body: string; stored: boolean }> {
   // A keyed order that took over a crashed run always asks: that run may have placed it, to be replayed.
-  // (A key still to be claimed is asked about only if the product is not known sold out: the refusal is
-  // then stored under the key if it has no row, in one write.)
-  const marked = order.claim === null || order.claim.fresh ? soldOutRefusal(line.productId) : null;
+  // (A key still to be claimed was checked against the mark by the route, before this.)
+  const marked = !order.claimToMake && (order.claim === null || order.claim.fresh) ? soldOutRefusal(line.productId) : null;
   if (marked) throw marked;
   let result: Awaited<ReturnType<DurableObjectStub<ProductStock>["placeOrder"]>>;
   try {
-    result = await stockObject(env, line.productId).placeOrder(line.productId, order);
+    const stub = stockObject(env, line.productId);
+    // Its own method, so that an object still running the code before it (for a while after a deploy)
+    // refuses the call rather than place the order without its key: the Worker then claims the key itself.
+    result = await (order.claimToMake ? stub.placeOrderClaiming(line.productId, order) : stub.placeOrder(line.productId, order));
   } catch (error) {
+    if (order.claimToMake && isMissingMethod(error)) throw new KeyInUse();
     log("error", "stock object order call failed", { productId: line.productId, ...describeError(error) });
     if ((error as { overloaded?: unknown } | null)?.overloaded === true) {
       throw new AppError("SERVICE_UNAVAILABLE", "The product is busy; retry shortly");
@@ -137,6 +140,14 @@ export async function placeSingleProductOrder(env: Env, line: StockLine, order: 
   if (outcome.ok) return { body: outcome.body, stored: outcome.stored };
   if (outcome.outcomeUnknown) throw new OutcomeUnknownError(outcome.detail);
   throw new AppError(outcome.code, outcome.detail);
+}
+
+/**
+ * The error of an RPC call to a method the object's code does not have (yet): workerd answers it with
+ * `TypeError: The RPC receiver does not implement the method "<name>".` before running anything.
+ */
+function isMissingMethod(error: unknown): boolean {
+  return error instanceof Error && error.message.includes("does not implement the method");
 }
 
 /**

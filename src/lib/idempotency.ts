@@ -128,7 +128,8 @@ export async function idempotent<R extends Response>(
     const refused = await storeEarlyRefusal(c, request, now, early);
     if (refused) return refused as R;
   }
-  if (options.claimInHandler) {
+  // (A key the early refusal found in use has a row: the usual path answers it.)
+  if (options.claimInHandler && !early) {
     const answered = await runClaimingHandler(c, db, request, now, options.claimInHandler);
     if (answered) return answered as R;
   }
@@ -263,23 +264,28 @@ export function claimNewKeys(db: D1Database, toMake: ClaimToMake[]): D1PreparedS
        SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), 'IN_PROGRESS',
          json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]')
        FROM json_each(?) WHERE true
-       ON CONFLICT DO NOTHING RETURNING scope, key`,
+       ON CONFLICT DO NOTHING RETURNING scope, key, request_hash AS requestHash, locked_until AS lockedUntil`,
     )
     .bind(JSON.stringify(rows));
 }
 
-/** The claim `claimNewKeys` made for each of `toMake` (in order), from its rows; null where none was. */
+/**
+ * The claim `claimNewKeys` made for each of `toMake` (in order), from its rows; null where none was. A row
+ * is matched by its key and its owner token (`lockedUntil`) and fingerprint, so two of `toMake` under one
+ * key never both think they hold it.
+ */
 export async function claimsMade(toMake: ClaimToMake[], rows: Record<string, unknown>[]): Promise<(Claim | null)[]> {
-  const id = (k: { scope: unknown; key: unknown }) => JSON.stringify([k.scope, k.key]);
-  const claimed = new Set(rows.map((r) => id(r as { scope: unknown; key: unknown })));
-  return Promise.all(
-    toMake.map(async (t) => {
-      // The first of two under one key took it (json_each keeps their order): the second is refused.
-      if (!claimed.delete(id(t))) return null;
-      const { scope, key, requestHash, lockedUntil } = t;
-      return { scope, key, requestHash, lockedUntil, effectRef: await effectRefOf(scope, key, t.createdAt), fresh: true };
-    }),
-  );
+  const id = (r: { scope: unknown; key: unknown; requestHash: unknown; lockedUntil: unknown }) =>
+    JSON.stringify([r.scope, r.key, r.requestHash, r.lockedUntil]);
+  const claimed = new Set(rows.map((r) => id(r as Parameters<typeof id>[0])));
+  // Deleted as matched (before any await): identical twins of one key get one claim between them.
+  return Promise.all(toMake.map((t) => (claimed.delete(id(t)) ? claimOf(t) : null)));
+}
+
+/** The claim of `toMake` once its row is written: a fresh one, its key's life beginning at `createdAt`. */
+export async function claimOf(toMake: ClaimToMake): Promise<Claim> {
+  const { scope, key, requestHash, lockedUntil, createdAt } = toMake;
+  return { scope, key, requestHash, lockedUntil, effectRef: await effectRefOf(scope, key, createdAt), fresh: true };
 }
 
 /** The effect reference of a key's life, the one that began at `createdAt`. */

@@ -1,3 +1,4 @@
+import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
@@ -5,6 +6,7 @@ import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
 import { makeProduct, makeUser } from "../helpers/factories";
 import { d1Down, gate, inject } from "../helpers/faults";
 import { requestFingerprint } from "../../src/lib/idempotency";
+import type { ProductStock } from "../../src/inventory/product-stock";
 
 // One product's orders are written by its stock object in group commits: many orders per D1 batch,
 // each caller answered once its own rows are committed, and a refused order failing alone.
@@ -329,13 +331,102 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
   it("a refusal after the object's claim is stored in that claim and replayed: the balance short, then funded", async () => {
     const product = await makeProduct({ price: 1_000, stock: 5 });
     const [b] = await buyers(1, 500);
-    const refused = await keyedOrder(b!.token, product.id, "short");
+    const { result: refused, sql } = await preparedDuring(() => keyedOrder(b!.token, product.id, "short"));
     expectProblem(refused, 400, "INSUFFICIENT_BALANCE");
+    expect(sql.filter(claimedByObject)).toHaveLength(1);
+    expect(sql.filter(claimedByWorker)).toEqual([]);
     await fund(b!.id, 10_000);
     const again = await keyedOrder(b!.token, product.id, "short");
     expect(again.text).toBe(refused.text);
     expect(again.headers.get("Idempotent-Replayed")).toBe("true");
     expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(0);
     expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
+  });
+  it("a claim-and-read batch whose reply is lost after it committed: 503, the claim is released, the retry is placed at once", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    const [b] = await buyers(1);
+    let lost = false;
+    const restore = inject(env.DB, "batch", (batch) =>
+      (async (statements: D1PreparedStatement[]) => {
+        const results = await batch(statements);
+        if (!lost && statements.length === 5) {
+          lost = true;
+          throw d1Down();
+        }
+        return results;
+      }) as typeof batch,
+    );
+    let first;
+    try {
+      first = await keyedOrder(b!.token, product.id, "claim-reply-lost");
+    } finally {
+      restore();
+    }
+    expect(lost).toBe(true);
+    expectProblem(first, 503, "SERVICE_UNAVAILABLE");
+    expect(await all("SELECT key FROM idempotency_keys WHERE scope = ?", `user:${b!.id}`)).toEqual([]);
+    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
+    expect((await keyedOrder(b!.token, product.id, "claim-reply-lost")).status).toBe(200);
+  });
+
+  it("a reservation that throws after the claim fails that order alone: 503, its claim released; its neighbours commit", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 10 });
+    const stub = stockObject(product.id);
+    await stub.snapshot(product.id);
+    const crowd = await buyers(4);
+    const victim = crowd[1]!;
+    const restore = await runInDurableObject(stub, (instance: ProductStock) => {
+      const target = instance as unknown as { take: (...args: unknown[]) => Promise<unknown> };
+      return inject(target, "take", (take) => async (...args: unknown[]) => {
+        if (args[3] === victim.id) throw new Error("storage failed (injected)");
+        return take(...args);
+      });
+    });
+    let results;
+    try {
+      results = await Promise.all(crowd.map((b, i) => keyedOrder(b.token, product.id, `reserve-throws-${i}`)));
+    } finally {
+      await runInDurableObject(stub, () => restore());
+    }
+    crowd.forEach((b, i) => {
+      if (b === victim) expectProblem(results[i]!, 503, "SERVICE_UNAVAILABLE");
+      else expect(results[i]!.status).toBe(200);
+    });
+    expect(await all("SELECT key FROM idempotency_keys WHERE scope = ?", `user:${victim.id}`)).toEqual([]);
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 7, reserved: 0, available: 7 });
+    expect((await keyedOrder(victim.token, product.id, "reserve-throws-1")).status).toBe(200);
+  });
+
+  it("an object still running older code (after a deploy) refuses the claiming call: the Worker claims the key itself", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    const [b] = await buyers(1);
+    const restore = inject(env.PRODUCT_STOCK, "get", (get) => (id) => {
+      const real = get(id);
+      return new Proxy(real, {
+        get(target, prop) {
+          if (prop === "placeOrderClaiming") {
+            return async () => {
+              throw new TypeError('The RPC receiver does not implement the method "placeOrderClaiming".');
+            };
+          }
+          return Reflect.get(target, prop);
+        },
+      });
+    });
+    let placed;
+    try {
+      placed = await preparedDuring(() => keyedOrder(b!.token, product.id, "old-object"));
+    } finally {
+      restore();
+    }
+    expect(placed.result.status).toBe(200);
+    expect(placed.sql.filter(claimedByWorker)).toHaveLength(1);
+    expect(await one("SELECT state, response_body FROM idempotency_keys WHERE scope = ? AND key = 'old-object'", `user:${b!.id}`)).toEqual({
+      state: "DONE",
+      response_body: placed.result.text,
+    });
+    const replay = await keyedOrder(b!.token, product.id, "old-object");
+    expect(replay.headers.get("Idempotent-Replayed")).toBe("true");
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
   });
 });
