@@ -253,8 +253,9 @@ async function tryClaim(d1: D1Database, claim: ClaimRequest, now: Date): Promise
 
 /**
  * One statement, for a handler's first batch, that claims every key of `toMake` that has no row yet (a key
- * with any row, even expired or crashed, is left to the usual path). Its rows (scope, key) are the keys
- * claimed; `claimsMade` turns them into claims. Two of `toMake` under one key: only the first is claimed.
+ * with any row, even expired or crashed, is left to the usual path). It returns a row per key claimed, with
+ * its owner token and fingerprint; `claimsMade` turns them into claims. Two of `toMake` under one key: only
+ * the first is claimed.
  */
 export function claimNewKeys(db: D1Database, toMake: ClaimToMake[]): D1PreparedStatement {
   const rows = toMake.map((t) => [t.scope, t.key, t.requestHash, t.lockedUntil, t.createdAt, t.expiresAt]);
