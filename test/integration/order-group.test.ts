@@ -5,7 +5,9 @@ import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
 import { makeProduct, makeUser } from "../helpers/factories";
 import { d1Down, gate, inject } from "../helpers/faults";
-import { requestFingerprint } from "../../src/lib/idempotency";
+import { IDEMPOTENCY_LOCK_MS, requestFingerprint } from "../../src/lib/idempotency";
+import { createApp } from "../../src/app";
+import { fixedClock } from "../../src/lib/clock";
 import type { ProductStock } from "../../src/inventory/product-stock";
 
 // One product's orders are written by its stock object in group commits: many orders per D1 batch,
@@ -428,5 +430,103 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     const replay = await keyedOrder(b!.token, product.id, "old-object");
     expect(replay.headers.get("Idempotent-Replayed")).toBe("true");
     expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
+  });
+  it("keyed and unkeyed orders in one group, one keyed refused by the object: each key stores its own answer", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 6 });
+    const stub = stockObject(product.id);
+    await stub.snapshot(product.id);
+    const [filler, ...crowd] = await buyers(7);
+    const held = gate();
+    let writes = 0;
+    // Only the order groups' writes are counted (the queue consumers of earlier tests write D1 meanwhile).
+    const writesOrders = (statements: D1PreparedStatement[]) =>
+      statements.some((st) => /^\s*INSERT INTO orders /.test((st as unknown as { statement?: string }).statement ?? ""));
+    const restore = inject(env.DB, "batch", (batch) =>
+      (async (statements: D1PreparedStatement[]) => {
+        if (writesOrders(statements) && ++writes === 1) await held.opened;
+        return batch(statements);
+      }) as typeof batch,
+    );
+    let results;
+    try {
+      // The filler's group is being written while the crowd arrives: the crowd forms the next group.
+      const first = orderOne(filler!.token, product.id);
+      await expect.poll(() => writes, { interval: 5 }).toBe(1);
+      const body = (quantity: number) => ({ items: [{ productId: product.id, quantity }] });
+      const keyed = (b: { token: string }, key: string, quantity = 1) =>
+        call("POST", "/api/orders", { token: b.token, headers: { "Idempotency-Key": key }, body: body(quantity) });
+      const sent = Promise.all([
+        keyed(crowd[0]!, "mixed-0"),
+        orderOne(crowd[1]!.token, product.id),
+        keyed(crowd[2]!, "mixed-2", 9),
+        keyed(crowd[3]!, "mixed-3"),
+        orderOne(crowd[4]!.token, product.id),
+        keyed(crowd[5]!, "mixed-5"),
+      ]);
+      await expect.poll(() => stub.snapshot(product.id), { interval: 5 }).toMatchObject({ reserved: 3 });
+      held.open();
+      expect((await first).status).toBe(200);
+      results = await sent;
+    } finally {
+      restore();
+      held.open();
+    }
+    expect(results.map((r) => r.status)).toEqual([200, 200, 400, 200, 200, 200]);
+    expectProblem(results[2]!, 400, "OUT_OF_STOCK");
+    for (const i of [0, 2, 3, 5]) {
+      const row = await one<{ response_body: string }>("SELECT response_body FROM idempotency_keys WHERE scope = ? AND key = ?", `user:${crowd[i]!.id}`, `mixed-${i}`);
+      expect(row.response_body).toBe(results[i]!.text);
+    }
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 0, reserved: 0, available: 0 });
+  });
+
+  it("the same key on another product's order is 422, and changes nothing", async () => {
+    const [one_, other] = [await makeProduct({ price: 1_000, stock: 5 }), await makeProduct({ price: 2_000, stock: 5 })];
+    const [b] = await buyers(1);
+    expect((await keyedOrder(b!.token, one_.id, "one-key")).status).toBe(200);
+    expectProblem(await keyedOrder(b!.token, other.id, "one-key"), 422, "IDEMPOTENCY_KEY_REUSED");
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
+    expect(await stockObject(other.id).snapshot(other.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
+  });
+
+  it("an object-made claim whose order's write failed with an unknown outcome: 409 within the lock, then a takeover continues that very order", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    const stub = stockObject(product.id);
+    const [b] = await buyers(1);
+    const clock = fixedClock(new Date().toISOString());
+    const app = createApp({ clock });
+    const send = () =>
+      call("POST", "/api/orders", { app, token: b!.token, headers: { "Idempotency-Key": "taken-over" }, body: { items: [{ productId: product.id, quantity: 1 }] } });
+    let failed = false;
+    const restore = inject(env.DB, "batch", (batch) =>
+      (async (statements: D1PreparedStatement[]) => {
+        if (!failed && statements.length > 5) {
+          failed = true;
+          throw d1Down();
+        }
+        return batch(statements);
+      }) as typeof batch,
+    );
+    let first;
+    try {
+      first = await send();
+    } finally {
+      restore();
+    }
+    expect(failed).toBe(true);
+    expectProblem(first, 503, "SERVICE_UNAVAILABLE");
+    // The claim is kept (the write might have landed) and the unit stays held until D1 settles it.
+    expectProblem(await send(), 409, "IDEMPOTENCY_IN_PROGRESS");
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 1, available: 4 });
+    clock.advance(IDEMPOTENCY_LOCK_MS + 1_000);
+    const takeover = await send();
+    expect(takeover.status).toBe(200);
+    // Same key life, same order key: the takeover continued the first run's reservation, not a second one.
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 4, reserved: 0, available: 4 });
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
+    expect(await walletInvariant(b!.id)).toEqual({ balance: 49_000, ledger: 49_000, newest: 49_000 });
+    const replay = await send();
+    expect(replay.headers.get("Idempotent-Replayed")).toBe("true");
+    expect(replay.text).toBe(takeover.text);
   });
 });
