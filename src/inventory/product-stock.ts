@@ -147,7 +147,12 @@ export class ProductStock extends DurableObject<Env> {
    * it with the other new keys of the group, then reserves its units (see order-group.ts). A method of its
    * own, so that an object still running older code refuses it instead of ignoring the key.
    */
-  async placeOrderClaiming(productId: number, order: SingleProductOrder): Promise<{ stock: ReserveResult; outcome: GroupOutcome }> {
+  async placeOrderClaiming(productId: number, order: SingleProductOrder): Promise<{ stock: ReserveResult; outcome?: GroupOutcome }> {
+    // What is refused now is refused at once, without a claim (the Worker stores the refusal under the key if
+    // the key has no row): units are only ever held by orders whose claims are committed, so a refusal
+    // caused by a run of the same key finds that run's claim and goes the usual way (409).
+    const now = await withRequestId(order.requestId, () => this.check(productId, order.quantity, order.userId));
+    if (!now.ok) return { stock: now };
     const outcome = await this.orderGroup(productId).submit(order);
     return { stock: (!outcome.ok && outcome.stock) || { ok: true, available: this.available() }, outcome };
   }

@@ -344,6 +344,26 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(0);
     expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
   });
+  it("an order the object refuses at once is refused before any claim: its refusal is stored under the key in one write", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 1 });
+    const [b] = await buyers(1);
+    const twoOfOne = () =>
+      call("POST", "/api/orders", { token: b!.token, headers: { "Idempotency-Key": "two-of-one" }, body: { items: [{ productId: product.id, quantity: 2 }] } });
+    const { result: refused, sql } = await preparedDuring(twoOfOne);
+    expectProblem(refused, 400, "OUT_OF_STOCK");
+    expect(sql.filter((q) => q.includes("IN_PROGRESS"))).toEqual([]);
+    expect(await one("SELECT state, response_status, response_body FROM idempotency_keys WHERE scope = ? AND key = 'two-of-one'", `user:${b!.id}`)).toEqual({
+      state: "DONE",
+      response_status: 400,
+      response_body: refused.text,
+    });
+    await call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: 5 } });
+    const again = await twoOfOne();
+    expect(again.headers.get("Idempotent-Replayed")).toBe("true");
+    expect(again.text).toBe(refused.text);
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(0);
+  });
+
   it("a claim-and-read batch whose reply is lost after it committed: 503, the claim is released, the retry is placed at once", async () => {
     const product = await makeProduct({ price: 1_000, stock: 5 });
     const [b] = await buyers(1);
