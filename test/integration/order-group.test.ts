@@ -301,34 +301,39 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     });
   }
 
-  it("a group whose claim-and-read batch fails claims nothing and holds nothing: 503, and the retry is placed at once", async () => {
-    const product = await makeProduct({ price: 1_000, stock: 5 });
-    const [b] = await buyers(1);
-    let failed = false;
-    const restore = inject(env.DB, "batch", (batch) =>
-      (async (statements: D1PreparedStatement[]) => {
-        // The group's read with one claim: 5 statements.
-        if (!failed && statements.length === 5) {
-          failed = true;
-          throw d1Down();
-        }
-        return batch(statements);
-      }) as typeof batch,
-    );
-    let first;
-    try {
-      first = await keyedOrder(b!.token, product.id, "read-failed");
-    } finally {
-      restore();
-    }
-    expect(failed).toBe(true);
-    expectProblem(first, 503, "SERVICE_UNAVAILABLE");
-    expect(await all("SELECT key FROM idempotency_keys WHERE scope = ?", `user:${b!.id}`)).toEqual([]);
-    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
-    const retry = await keyedOrder(b!.token, product.id, "read-failed");
-    expect(retry.status).toBe(200);
-    expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
-  });
+  for (const { when, commits } of [
+    { when: "fails before committing", commits: false },
+    { when: "commits but its reply is lost", commits: true },
+  ]) {
+    it(`a group's claim-and-read batch that ${when}: 503, no claim left, nothing held, the retry placed at once`, async () => {
+      const product = await makeProduct({ price: 1_000, stock: 5 });
+      const [b] = await buyers(1);
+      let struck = false;
+      const restore = inject(env.DB, "batch", (batch) =>
+        (async (statements: D1PreparedStatement[]) => {
+          // The group's read with one claim: 5 statements. A claim that landed is handed back and released.
+          if (!struck && statements.length === 5) {
+            struck = true;
+            if (commits) await batch(statements);
+            throw d1Down();
+          }
+          return batch(statements);
+        }) as typeof batch,
+      );
+      let first;
+      try {
+        first = await keyedOrder(b!.token, product.id, "claim-batch-struck");
+      } finally {
+        restore();
+      }
+      expect(struck).toBe(true);
+      expectProblem(first, 503, "SERVICE_UNAVAILABLE");
+      expect(await all("SELECT key FROM idempotency_keys WHERE scope = ?", `user:${b!.id}`)).toEqual([]);
+      expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
+      expect((await keyedOrder(b!.token, product.id, "claim-batch-struck")).status).toBe(200);
+      expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
+    });
+  }
 
   it("a refusal after the object's claim is stored in that claim and replayed: the balance short, then funded", async () => {
     const product = await makeProduct({ price: 1_000, stock: 5 });
@@ -362,33 +367,6 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     expect(again.headers.get("Idempotent-Replayed")).toBe("true");
     expect(again.text).toBe(refused.text);
     expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(0);
-  });
-
-  it("a claim-and-read batch whose reply is lost after it committed: 503, the claim is released, the retry is placed at once", async () => {
-    const product = await makeProduct({ price: 1_000, stock: 5 });
-    const [b] = await buyers(1);
-    let lost = false;
-    const restore = inject(env.DB, "batch", (batch) =>
-      (async (statements: D1PreparedStatement[]) => {
-        const results = await batch(statements);
-        if (!lost && statements.length === 5) {
-          lost = true;
-          throw d1Down();
-        }
-        return results;
-      }) as typeof batch,
-    );
-    let first;
-    try {
-      first = await keyedOrder(b!.token, product.id, "claim-reply-lost");
-    } finally {
-      restore();
-    }
-    expect(lost).toBe(true);
-    expectProblem(first, 503, "SERVICE_UNAVAILABLE");
-    expect(await all("SELECT key FROM idempotency_keys WHERE scope = ?", `user:${b!.id}`)).toEqual([]);
-    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
-    expect((await keyedOrder(b!.token, product.id, "claim-reply-lost")).status).toBe(200);
   });
 
   it("a reservation that throws after the claim fails that order alone: 503, its claim released; its neighbours commit", async () => {
