@@ -58,19 +58,39 @@ export const loadHooks = { before: null, after: null };
 
 /**
  * The bench server's process group, when set (bench/run.mjs): every load phase then also reports the CPU
- * the main workerd spent per request (`cpuUs`), far steadier on a shared machine than requests per second.
+ * the main workerd spent per request (`cpuUs`), far steadier on a shared machine than requests per second
+ * (each phase starts once the server is idle, see untilIdle),
+ * and, with `cronTicks` (the server's count of minute-cron ticks), how many ticks fell in it (`cronTicks`).
  */
-export const loadMeter = { group: null };
+export const loadMeter = { group: null, cronTicks: null };
+
+/**
+ * Waits (up to 30 s) until the server's main workerd is idle: under 10% of a core over half a second. What
+ * an earlier scenario left running (queue consumers, exports, the objects' alarms) then does not land in the
+ * next phase's numbers.
+ */
+async function untilIdle(group) {
+  const deadline = Date.now() + 30_000;
+  while (Date.now() < deadline) {
+    const before = workerdCpu(group);
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    if (workerdCpuUsed(before, workerdCpu(group)).main < 0.05) return;
+  }
+  console.log("  (the server was still busy after 30 s; measuring anyway)");
+}
 
 export async function runLoad({ baseUrl, concurrency, amount, duration, nextJob, expected }) {
   await loadHooks.before?.();
   const group = loadMeter.group;
+  if (group !== null) await untilIdle(group);
   const cpuBefore = group === null ? null : workerdCpu(group);
+  const ticksBefore = loadMeter.cronTicks?.() ?? null;
   try {
     const result = await load({ baseUrl, concurrency, amount, duration, nextJob, expected });
     if (cpuBefore === null || result.requests === 0) return result;
     const { main } = workerdCpuUsed(cpuBefore, workerdCpu(group));
-    return { ...result, cpuUs: Math.round((main * 1e6) / result.requests) };
+    const cronTicks = ticksBefore === null ? {} : { cronTicks: loadMeter.cronTicks() - ticksBefore };
+    return { ...result, cpuUs: Math.round((main * 1e6) / result.requests), ...cronTicks };
   } finally {
     await loadHooks.after?.();
   }

@@ -131,6 +131,7 @@ async function main() {
   }
   console.log(`server: ${server.baseUrl} (state ${stateDir}) up after ${seconds(started)} s`);
   loadMeter.group = server.group;
+  loadMeter.cronTicks = server.cronTicks;
 
   const results = [];
   const d1Checks = [];
@@ -148,7 +149,8 @@ async function main() {
         const total = Number(seconds(scenarioStarted));
         console.log(
           `  ${scenario.name.padEnd(15)} ${String(load.requests).padStart(6)} requests in ${load.durationS} s` +
-            ` (${load.rps} req/s, p99 ${load.p99} ms, ${load.cpuUs ?? "?"} µs of main workerd CPU each); seeding and API checks ${Math.max(0, total - load.durationS).toFixed(1)} s`,
+            ` (${load.rps} req/s, p99 ${load.p99} ms, ${load.cpuUs ?? "?"} µs of main workerd CPU each` +
+            `${load.cronTicks ? `, the minute cron ran during it` : ""}); seeding and API checks ${Math.max(0, total - load.durationS).toFixed(1)} s`,
         );
         const reloads = server.reloads() - reloadsBefore;
         if (reloads) console.log(`  WARNING: the Worker was reloaded ${reloads} time(s) during ${scenario.name} (a source file changed)`);

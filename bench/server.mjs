@@ -162,8 +162,10 @@ export async function startBenchServer({ port: wantedPort, stateDir, localObserv
     throw new Error(`${error.message}\n--- wrangler dev log ---\n${tail(logFile)}`);
   }
 
-  // As under npm start: the minute cron (outbox relay, idempotency-key purge) runs during the scenarios.
-  cron = driveCron(baseUrl);
+  // As under npm start: the minute cron (outbox relay, idempotency-key purge) runs during the scenarios;
+  // its ticks are counted, so a load phase it fell into can be told apart.
+  let cronTicks = 0;
+  cron = driveCron(baseUrl, 60_000, () => cronTicks++);
 
   async function stop() {
     clearInterval(cron);
@@ -185,7 +187,8 @@ export async function startBenchServer({ port: wantedPort, stateDir, localObserv
   const reloads = () => logCount(/Reloading local server/g);
 
   // `group`: the process group of wrangler dev, its proxy and its workerd (what bench:profile and bench:cost measure).
-  return { baseUrl, port, stateDir, group: dev.pid, exportsReceived: sink.received, reloads, logCount, logTail: () => tail(logFile), stop };
+  const ticks = () => cronTicks;
+  return { baseUrl, port, stateDir, group: dev.pid, exportsReceived: sink.received, reloads, logCount, cronTicks: ticks, logTail: () => tail(logFile), stop };
 }
 
 /** For an interrupt, just before the process exits: SIGKILLs every dev server started here. */

@@ -161,8 +161,9 @@ export async function waitForHealth(baseUrl, timeoutMs = 120_000) {
 }
 
 /** Fires the Worker's scheduled handler every `everyMs` through Miniflare's trigger endpoint (bundled or not). */
-export function driveCron(baseUrl, everyMs = 60_000) {
+export function driveCron(baseUrl, everyMs = 60_000, onTick = () => {}) {
   return setInterval(() => {
+    onTick();
     fetch(`${baseUrl}/cdn-cgi/local/scheduled?cron=*+*+*+*+*`).catch(() => {
       // the server may be starting or restarting; the next tick tries again
     });
