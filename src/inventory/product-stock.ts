@@ -150,9 +150,8 @@ export class ProductStock extends DurableObject<Env> {
   async placeOrderClaiming(productId: number, order: SingleProductOrder): Promise<{ stock: ReserveResult; outcome?: GroupOutcome }> {
     // What is refused now is refused at once, without a claim (the Worker stores the refusal under the key if
     // the key has no row): units are only ever held by orders whose claims are committed, so a refusal
-    // caused by a run of the same key finds that run's claim and goes the usual way (409). One narrow gap, as
-    // with the Worker's sold-out mark: a run that fails with a 5xx gives its units back and then deletes its
-    // fresh claim, so a refusal decided before that and stored after it stays the key's answer.
+    // caused by a run of the same key finds that run's claim and goes the usual way (409, or a takeover once
+    // that run failed: a failed run's claim is unlocked, never deleted, so the refusal is not stored).
     const now = await withRequestId(order.requestId, () => this.check(productId, order.quantity, order.userId));
     if (!now.ok) return { stock: now };
     const outcome = await this.orderGroup(productId).submit(order);

@@ -26,7 +26,8 @@ import type { AppEnv, Db } from "../env";
  * - same key, other fingerprint            -> 422 IDEMPOTENCY_KEY_REUSED
  * - same key while the first still runs    -> 409 IDEMPOTENCY_IN_PROGRESS
  * - the handler throws an AppError (4xx)   -> the problem response is stored and replayed like a success
- * - the handler throws anything else (5xx) -> the claim is deleted so the client can retry
+ * - the handler throws anything else (5xx) -> the claim is unlocked: a retry with the same body runs at once,
+ *                                             continuing the key's life (another body is still 422)
  * - the Worker dies mid-handler            -> the claim stays IN_PROGRESS until `locked_until`, then the
  *                                             next request with the same fingerprint takes it over
  *
@@ -134,12 +135,12 @@ export async function idempotent<R extends Response>(
     if (answered) return answered as R;
   }
 
-  // A claim released by a failing owner between our two reads is simply claimed again.
+  // A claim released by a failing owner (or expiring) between our two reads is simply claimed again.
   for (let attempt = 0; attempt < 3; attempt++) {
     const claim = await tryClaim(c.env.DB, request, now);
     if (claim) return (await runClaimed(c, db, claim, handler)) as R;
     const existing = await readKey(db, request);
-    if (existing) return answerExisting(c, existing, request) as R;
+    if (existing && !claimable(existing, request, now)) return answerExisting(c, existing, request) as R;
   }
   throw new AppError("IDEMPOTENCY_IN_PROGRESS", "A request with this idempotency key is still running");
 }
@@ -147,7 +148,9 @@ export async function idempotent<R extends Response>(
 /**
  * A refusal known before anything runs, for a key never seen: stored as the key's result in one write
  * (no claim, then no second write to complete it). A key already in use, or expired, takes the usual
- * path (replay, 409, 422, or a new life); null then.
+ * path (replay, 409, 422, or a new life); null then. A refusal caused by another run of the same key (its
+ * hold took the last unit) always meets that run's row here, even if the run has failed meanwhile: a
+ * claim is unlocked on failure, never deleted (`release`).
  */
 async function storeEarlyRefusal(c: Context<AppEnv>, request: ClaimRequest, now: Date, refusal: AppError): Promise<Response | null> {
   const response = problemResponse(c, refusal);
@@ -300,6 +303,12 @@ async function readKey(db: Db, claim: ClaimRequest): Promise<KeyRow | undefined>
   });
 }
 
+/** Whether `tryClaim` would take `row` over now (the same condition as CLAIM_SQL's). */
+function claimable(row: KeyRow, request: ClaimRequest, now: Date): boolean {
+  const at = now.toISOString();
+  return row.expiresAt <= at || (row.state === "IN_PROGRESS" && row.lockedUntil <= at && row.requestHash === request.requestHash);
+}
+
 function answerExisting(c: Context<AppEnv>, row: KeyRow, claim: ClaimRequest): Response {
   if (row.requestHash !== claim.requestHash) {
     throw new AppError("IDEMPOTENCY_KEY_REUSED", "This idempotency key was already used with another request");
@@ -393,16 +402,14 @@ async function finishClaimed(c: Context<AppEnv>, db: Db, claim: Claim, response:
 }
 
 // Best effort: if D1 is down the claim simply expires at `locked_until`; the original failure matters more.
-// A claim that took over a crashed or slow run is not deleted but unlocked: that earlier run may still
-// commit the same effect, and the client's retry must continue this key's life (same effectRef, so it
-// finds that effect) rather than start a new one that would apply it a second time.
+// Unlocked, never deleted: a retry with the same fingerprint takes it over at once, continuing this key's
+// life (same effectRef, so it finds an effect an earlier run may still commit rather than make another).
+// And a key that was claimed keeps a row for its whole life: a duplicate refused while this run held units
+// (sold out by its own hold) and storing that refusal only after this run gave them back finds the row and
+// takes the usual path, instead of making the refusal this key's answer (see `storeEarlyRefusal`).
 async function release(db: Db, claim: Claim): Promise<void> {
   try {
-    if (claim.fresh === false) {
-      await db.update(idempotencyKeys).set({ lockedUntil: new Date(0).toISOString() }).where(owned(claim));
-    } else {
-      await db.delete(idempotencyKeys).where(owned(claim));
-    }
+    await db.update(idempotencyKeys).set({ lockedUntil: new Date(0).toISOString() }).where(owned(claim));
   } catch (error) {
     log("warn", "could not release an idempotency claim", { scope: claim.scope, ...describeError(error) });
   }

@@ -11,6 +11,7 @@ import { effectRefOf, idempotent, purgeExpiredIdempotencyKeys, requestFingerprin
 import { handleScheduled } from "../../src/scheduled";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { makeUser } from "../helpers/factories";
+import { inject } from "../helpers/faults";
 
 const CHARGE = "/api/balance/charge";
 
@@ -251,6 +252,47 @@ describe("concurrency and failure", () => {
     expect(balance!.balance).toBe(800);
   });
 
+  it("a claim its failing owner unlocks between a retry's two reads is taken over, not answered 409", async () => {
+    const user = await makeUser();
+    const key = newKey();
+    const body = { amount: 600 };
+    const scope = `user:${user.id}`;
+    // The first run still holds the key when the retry tries to claim it...
+    await seedKey({ scope, key, hash: await chargeHash(body), lockedUntil: FAR_AHEAD });
+    const unlock = () => env.DB.prepare("UPDATE idempotency_keys SET locked_until = ? WHERE scope = ? AND key = ?").bind(new Date(0).toISOString(), scope, key).run();
+    let unlocked = false;
+    // ...and fails (unlocking its claim) just after the retry's claim missed, before the retry reads the key.
+    const restore = inject(env.DB, "prepare", (prepare) =>
+      ((sql: string) => {
+        const statement = prepare(sql);
+        if (unlocked || !sql.includes("ON CONFLICT (scope, key) DO UPDATE")) return statement;
+        return {
+          bind: (...values: unknown[]) => {
+            const bound = statement.bind(...values);
+            return {
+              first: async () => {
+                const missed = await bound.first();
+                unlocked = true;
+                await unlock();
+                return missed;
+              },
+            };
+          },
+        };
+      }) as typeof prepare,
+    );
+    let retry;
+    try {
+      retry = await chargeWithKey(await tokenFor(user.id), key, body);
+    } finally {
+      restore();
+    }
+    expect(unlocked).toBe(true);
+    expect(retry.status).toBe(200);
+    expect(await ledgerCount(user.id)).toBe(1);
+    expect(await keyRow(scope, key)).toMatchObject({ state: "DONE", response_status: 200, response_body: retry.text });
+  });
+
   it("a crashed claim is not taken over by a request with another body", async () => {
     const user = await makeUser();
     const key = newKey();
@@ -274,7 +316,7 @@ describe("concurrency and failure", () => {
     expect(await keyRow(`user:${user.id}`, key)).toMatchObject({ state: "IN_PROGRESS" });
   });
 
-  it("an unexpected failure (5xx) releases the claim so the client can retry", async () => {
+  it("an unexpected failure (5xx) unlocks the claim: the retry runs at once, another body is still 422", async () => {
     let failures = 2;
     let runs = 0;
     const app = createApp();
@@ -295,15 +337,51 @@ describe("concurrency and failure", () => {
     const user = await makeUser();
     const key = newKey();
     const token = await tokenFor(user.id);
-    const send = () => call("POST", "/test/flaky", { app, token, body: { x: 1 }, headers: { "Idempotency-Key": key } });
+    const send = (body: unknown = { x: 1 }) => call("POST", "/test/flaky", { app, token, body, headers: { "Idempotency-Key": key } });
+    const unlocked = { state: "IN_PROGRESS", locked_until: new Date(0).toISOString(), response_status: null };
 
     expectProblem(await send(), 500, "INTERNAL");
-    expect(await keyRow(`user:${user.id}`, key)).toBeNull();
+    expect(await keyRow(`user:${user.id}`, key)).toMatchObject(unlocked);
+    expectProblem(await send({ x: 2 }), 422, "IDEMPOTENCY_KEY_REUSED");
     expectProblem(await send(), 503, "SERVICE_UNAVAILABLE");
-    expect(await keyRow(`user:${user.id}`, key)).toBeNull();
+    expect(await keyRow(`user:${user.id}`, key)).toMatchObject(unlocked);
     expect((await send()).status).toBe(200);
     expect((await send()).headers.get("idempotent-replayed")).toBe("true");
     expect(runs).toBe(3);
+  });
+
+  it("a refusal a duplicate owes to a run that then fails is not stored: the key's retry still runs", async () => {
+    // The race: run 1 holds the last unit; its duplicate is refused for it (by the object, or the isolate's
+    // sold-out mark); run 1 fails with a 5xx and gives the unit back; only then does the duplicate store its
+    // refusal under the key. Run 1's claim is still there (unlocked), so the duplicate takes the key over.
+    let soldOutByRunOne = false;
+    let runs = 0;
+    const app = createApp();
+    app.post("/test/drop", authenticate, (c) =>
+      idempotent(
+        c,
+        async () => {
+          runs++;
+          if (runs === 1) {
+            soldOutByRunOne = true;
+            throw new Error("D1 went away after the hold");
+          }
+          return c.json({ placed: true }, 200);
+        },
+        { refuseEarly: () => (soldOutByRunOne ? new AppError("OUT_OF_STOCK", "sold out (by run 1's own hold)") : null) },
+      ),
+    );
+    const user = await makeUser();
+    const key = newKey();
+    const token = await tokenFor(user.id);
+    const send = () => call("POST", "/test/drop", { app, token, body: { productId: 1 }, headers: { "Idempotency-Key": key } });
+
+    expectProblem(await send(), 500, "INTERNAL");
+    const duplicate = await send();
+    expect(duplicate.status).toBe(200);
+    expect(duplicate.body).toEqual({ placed: true });
+    expect(await keyRow(`user:${user.id}`, key)).toMatchObject({ state: "DONE", response_status: 200 });
+    expect(runs).toBe(2);
   });
 });
 

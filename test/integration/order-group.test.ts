@@ -13,6 +13,8 @@ import type { ProductStock } from "../../src/inventory/product-stock";
 // One product's orders are written by its stock object in group commits: many orders per D1 batch,
 // each caller answered once its own rows are committed, and a refused order failing alone.
 
+/** A claim given up after a failure: kept, so its key keeps its row, but free for a retry to take over. */
+const UNLOCKED = { state: "IN_PROGRESS", locked_until: new Date(0).toISOString() };
 const stockObject = (productId: number) => env.PRODUCT_STOCK.get(env.PRODUCT_STOCK.idFromName(String(productId)));
 
 async function buyers(count: number, balance = 50_000) {
@@ -305,7 +307,7 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     { when: "fails before committing", commits: false },
     { when: "commits but its reply is lost", commits: true },
   ]) {
-    it(`a group's claim-and-read batch that ${when}: 503, no claim left, nothing held, the retry placed at once`, async () => {
+    it(`a group's claim-and-read batch that ${when}: 503, no claim holds the key, nothing held, the retry placed at once`, async () => {
       const product = await makeProduct({ price: 1_000, stock: 5 });
       const [b] = await buyers(1);
       let struck = false;
@@ -328,7 +330,9 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
       }
       expect(struck).toBe(true);
       expectProblem(first, 503, "SERVICE_UNAVAILABLE");
-      expect(await all("SELECT key FROM idempotency_keys WHERE scope = ?", `user:${b!.id}`)).toEqual([]);
+      // A claim that landed is unlocked (kept, so the key keeps its row), not left holding the retry at 409.
+      const keyRows = await all("SELECT state, locked_until FROM idempotency_keys WHERE scope = ?", `user:${b!.id}`);
+      expect(keyRows).toEqual(commits ? [UNLOCKED] : []);
       expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
       expect((await keyedOrder(b!.token, product.id, "claim-batch-struck")).status).toBe(200);
       expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
@@ -369,7 +373,7 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(0);
   });
 
-  it("a reservation that throws after the claim fails that order alone: 503, its claim released; its neighbours commit", async () => {
+  it("a reservation that throws after the claim fails that order alone: 503, its claim unlocked; its neighbours commit", async () => {
     const product = await makeProduct({ price: 1_000, stock: 10 });
     const stub = stockObject(product.id);
     await stub.snapshot(product.id);
@@ -392,7 +396,7 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
       if (b === victim) expectProblem(results[i]!, 503, "SERVICE_UNAVAILABLE");
       else expect(results[i]!.status).toBe(200);
     });
-    expect(await all("SELECT key FROM idempotency_keys WHERE scope = ?", `user:${victim.id}`)).toEqual([]);
+    expect(await all("SELECT state, locked_until FROM idempotency_keys WHERE scope = ?", `user:${victim.id}`)).toEqual([UNLOCKED]);
     expect(await stub.snapshot(product.id)).toEqual({ stock: 7, reserved: 0, available: 7 });
     expect((await keyedOrder(victim.token, product.id, "reserve-throws-1")).status).toBe(200);
   });
