@@ -282,6 +282,10 @@ export const idempotencyKeys = sqliteTable(
     lockedUntil: text("locked_until").notNull(),
     createdAt: text("created_at").notNull(),
     expiresAt: text("expires_at").notNull(),
+    // What the runs before the current claim, in this key's life, may still do (see src/lib/idempotency.ts):
+    // NONE (the claim began the life), FAILED (each ended without its effect), UNKNOWN (one crashed or lost
+    // its outcome, and may still commit). Rows from before the column are UNKNOWN: the safe assumption.
+    earlierRuns: text("earlier_runs", { enum: ["NONE", "FAILED", "UNKNOWN"] }).notNull().default("UNKNOWN"),
   },
   (t) => [
     primaryKey({ columns: [t.scope, t.key] }),

@@ -230,8 +230,8 @@ export class OrderGroup {
   }
 
   private refuse(w: Waiting, error: unknown): void {
-    // A run that took over another may share its reservation, and that run may still commit: D1 decides.
-    if (w.order.claim?.fresh === false) this.hooks.unknown(w.order.orderKey);
+    // A run that took over a crashed one may share its reservation, and that run may still commit: D1 decides.
+    if (w.order.claim?.shared) this.hooks.unknown(w.order.orderKey);
     else this.hooks.released(w.order.orderKey);
     if (error instanceof AppError) {
       w.answer({ ok: false, code: error.code, detail: error.message });

@@ -116,8 +116,13 @@ export class ProductStock extends DurableObject<Env> {
   private async take(productId: number, orderKey: string, quantity: number, userId: number, newKey = false): Promise<ReserveResult> {
     if (!(await this.load(productId))) return this.refusal("PRODUCT_NOT_FOUND", userId);
     // From here to the insert there is no await: this is the critical section.
-    // An order already committed under this key needs nothing more: its write will find the order.
-    if (!newKey && this.known(orderKey)) return { ok: true, available: this.available() };
+    // An order already committed under this key needs nothing more: its write will find the order. An entry
+    // still open under it (an earlier run of the same keyed order) is this run's too: its expiry is pushed
+    // back, so the alarm cannot give it up while this run writes.
+    if (!newKey && this.known(orderKey)) {
+      this.sql.exec("UPDATE reservations SET expires_at = max(expires_at, ?) WHERE order_key = ?", Date.now() + RESERVATION_TTL_MS, orderKey);
+      return { ok: true, available: this.available() };
+    }
     const refusal = this.assess(quantity, userId);
     if (refusal) return this.refusal(refusal, userId);
     await this.hold(orderKey, { quantity, user_id: userId, kind: "SALE" });
@@ -151,7 +156,7 @@ export class ProductStock extends DurableObject<Env> {
     // What is refused now is refused at once, without a claim (the Worker stores the refusal under the key if
     // the key has no row): units are only ever held by orders whose claims are committed, so a refusal
     // caused by a run of the same key finds that run's claim and goes the usual way (409, or a takeover once
-    // that run failed: a failed run's claim is unlocked, never deleted, so the refusal is not stored).
+    // that run failed: a failed run's claim is released, never deleted, so the refusal is not stored).
     const now = await withRequestId(order.requestId, () => this.check(productId, order.quantity, order.userId));
     if (!now.ok) return { stock: now };
     const outcome = await this.orderGroup(productId).submit(order);

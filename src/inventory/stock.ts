@@ -109,9 +109,10 @@ function refusalError(line: StockLine, result: Refused): AppError {
  * (overloaded) is a plain 503; any other may have placed the order, so its outcome is unknown.
  */
 export async function placeSingleProductOrder(env: Env, line: StockLine, order: SingleProductOrder): Promise<{ body: string; stored: boolean }> {
-  // A keyed order that took over a crashed run always asks: that run may have placed it, to be replayed.
-  // (A key still to be claimed was checked against the mark by the route, before this.)
-  const marked = !order.claimToMake && (order.claim === null || order.claim.fresh) ? soldOutRefusal(line.productId) : null;
+  // Only an unkeyed order is answered from the mark here. A keyed one was checked against it by the route,
+  // before its key had a row; once claimed, it always asks: an earlier run of its key may have placed it (to be
+  // replayed), or may be what made the product look sold out (its units given back since).
+  const marked = order.claim === null && !order.claimToMake ? soldOutRefusal(line.productId) : null;
   if (marked) throw marked;
   let result: Awaited<ReturnType<DurableObjectStub<ProductStock>["placeOrder"]>>;
   try {

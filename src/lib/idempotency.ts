@@ -26,8 +26,9 @@ import type { AppEnv, Db } from "../env";
  * - same key, other fingerprint            -> 422 IDEMPOTENCY_KEY_REUSED
  * - same key while the first still runs    -> 409 IDEMPOTENCY_IN_PROGRESS
  * - the handler throws an AppError (4xx)   -> the problem response is stored and replayed like a success
- * - the handler throws anything else (5xx) -> the claim is unlocked: a retry with the same body runs at once,
- *                                             continuing the key's life (another body is still 422)
+ * - the handler throws anything else (5xx) -> the claim is released (unlocked, not deleted): a retry with the
+ *                                             same body runs at once, continuing the key's life (another
+ *                                             body is still 422)
  * - the Worker dies mid-handler            -> the claim stays IN_PROGRESS until `locked_until`, then the
  *                                             next request with the same fingerprint takes it over
  *
@@ -156,8 +157,8 @@ async function storeEarlyRefusal(c: Context<AppEnv>, request: ClaimRequest, now:
   const response = problemResponse(c, refusal);
   const body = await response.text();
   const stored = await c.env.DB.prepare(
-    `INSERT INTO idempotency_keys (scope, key, request_hash, state, response_status, response_body, locked_until, created_at, expires_at)
-     VALUES (?, ?, ?, 'DONE', ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1 AS stored`,
+    `INSERT INTO idempotency_keys (scope, key, request_hash, state, response_status, response_body, locked_until, created_at, expires_at, earlier_runs)
+     VALUES (?, ?, ?, 'DONE', ?, ?, ?, ?, ?, 'NONE') ON CONFLICT DO NOTHING RETURNING 1 AS stored`,
   )
     .bind(
       request.scope,
@@ -217,19 +218,30 @@ export interface Claim extends ClaimRequest {
    * effect, so the separate write that would store it is skipped (it would match nothing anyway).
    */
   storedWithEffect?: boolean;
-  /** True when this claim began the key's life now (not a takeover of a crashed run): no effect of it exists yet. */
+  /** True when this claim began the key's life: no run came before it, so nothing of its effect exists yet. */
   fresh?: boolean;
+  /**
+   * True when an earlier run of this key's life may still commit the same effect (it crashed, or its outcome
+   * is unknown): what this run holds may be that run's too, so on a failure it is settled against D1 rather
+   * than given back. False after earlier runs that all failed cleanly (released): they left nothing behind.
+   */
+  shared?: boolean;
 }
+
+/** `locked_until` of a released claim: free to take over, and told apart from a crashed one (lock run out). */
+const RELEASED = new Date(0).toISOString();
 
 /**
  * One atomic statement: insert the claim, or take over a row that is dead, i.e. expired (any
- * fingerprint: the key is free again) or IN_PROGRESS past its lock with the same fingerprint (a crash).
- * An expired key starts a new life (new created_at); a crashed claim's takeover continues the same one
- * (same effect). Plain SQL, not a query builder: every keyed write runs it.
+ * fingerprint: the key is free again) or IN_PROGRESS past its lock with the same fingerprint (released
+ * by a run that failed, or crashed). An expired key starts a new life (new created_at); a takeover
+ * continues the same one (same effect), and records what the runs before it may still do: a crashed one
+ * may yet commit (UNKNOWN); released ones cannot, unless one of them had taken over from such a run.
+ * Plain SQL, not a query builder: every keyed write runs it.
  */
 const CLAIM_SQL = `
-  INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at)
-  VALUES (?1, ?2, ?3, 'IN_PROGRESS', ?4, ?5, ?6)
+  INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at, earlier_runs)
+  VALUES (?1, ?2, ?3, 'IN_PROGRESS', ?4, ?5, ?6, 'NONE')
   ON CONFLICT (scope, key) DO UPDATE SET
     request_hash = excluded.request_hash,
     state = 'IN_PROGRESS',
@@ -237,10 +249,14 @@ const CLAIM_SQL = `
     response_body = NULL,
     locked_until = excluded.locked_until,
     created_at = CASE WHEN idempotency_keys.expires_at <= ?5 THEN ?5 ELSE idempotency_keys.created_at END,
-    expires_at = CASE WHEN idempotency_keys.expires_at <= ?5 THEN ?6 ELSE idempotency_keys.expires_at END
+    expires_at = CASE WHEN idempotency_keys.expires_at <= ?5 THEN ?6 ELSE idempotency_keys.expires_at END,
+    earlier_runs = CASE
+      WHEN idempotency_keys.expires_at <= ?5 THEN 'NONE'
+      WHEN idempotency_keys.locked_until = '${RELEASED}' AND idempotency_keys.earlier_runs <> 'UNKNOWN' THEN 'FAILED'
+      ELSE 'UNKNOWN' END
   WHERE idempotency_keys.expires_at <= ?5
      OR (idempotency_keys.state = 'IN_PROGRESS' AND idempotency_keys.locked_until <= ?5 AND idempotency_keys.request_hash = ?3)
-  RETURNING created_at AS createdAt`;
+  RETURNING created_at AS createdAt, earlier_runs AS earlierRuns`;
 
 async function tryClaim(d1: D1Database, claim: ClaimRequest, now: Date): Promise<Claim | null> {
   const at = now.toISOString();
@@ -248,10 +264,10 @@ async function tryClaim(d1: D1Database, claim: ClaimRequest, now: Date): Promise
   const claimed = await d1
     .prepare(CLAIM_SQL)
     .bind(claim.scope, claim.key, claim.requestHash, claim.lockedUntil, at, expiresAt)
-    .first<{ createdAt: string }>();
+    .first<{ createdAt: string; earlierRuns: KeyRow["earlierRuns"] }>();
   if (claimed === null) return null;
-  const life = claimed.createdAt;
-  return { ...claim, effectRef: await effectRefOf(claim.scope, claim.key, life), fresh: life === at };
+  const effectRef = await effectRefOf(claim.scope, claim.key, claimed.createdAt);
+  return { ...claim, effectRef, fresh: claimed.earlierRuns === "NONE", shared: claimed.earlierRuns === "UNKNOWN" };
 }
 
 /**
@@ -264,9 +280,9 @@ export function claimNewKeys(db: D1Database, toMake: ClaimToMake[]): D1PreparedS
   const rows = toMake.map((t) => [t.scope, t.key, t.requestHash, t.lockedUntil, t.createdAt, t.expiresAt]);
   return db
     .prepare(
-      `INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at)
+      `INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at, earlier_runs)
        SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), 'IN_PROGRESS',
-         json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]')
+         json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'), 'NONE'
        FROM json_each(?) WHERE true
        ON CONFLICT DO NOTHING RETURNING scope, key, request_hash AS requestHash, locked_until AS lockedUntil`,
     )
@@ -289,7 +305,7 @@ export async function claimsMade(toMake: ClaimToMake[], rows: Record<string, unk
 /** The claim of `toMake` once its row is written: a fresh one, its key's life beginning at `createdAt`. */
 export async function claimOf(toMake: ClaimToMake): Promise<Claim> {
   const { scope, key, requestHash, lockedUntil, createdAt } = toMake;
-  return { scope, key, requestHash, lockedUntil, effectRef: await effectRefOf(scope, key, createdAt), fresh: true };
+  return { scope, key, requestHash, lockedUntil, effectRef: await effectRefOf(scope, key, createdAt), fresh: true, shared: false };
 }
 
 /** The effect reference of a key's life, the one that began at `createdAt`. */
@@ -402,14 +418,15 @@ async function finishClaimed(c: Context<AppEnv>, db: Db, claim: Claim, response:
 }
 
 // Best effort: if D1 is down the claim simply expires at `locked_until`; the original failure matters more.
-// Unlocked, never deleted: a retry with the same fingerprint takes it over at once, continuing this key's
-// life (same effectRef, so it finds an effect an earlier run may still commit rather than make another).
-// And a key that was claimed keeps a row for its whole life: a duplicate refused while this run held units
-// (sold out by its own hold) and storing that refusal only after this run gave them back finds the row and
-// takes the usual path, instead of making the refusal this key's answer (see `storeEarlyRefusal`).
+// Unlocked (RELEASED), never deleted: a retry with the same fingerprint takes it over at once, continuing
+// this key's life (same effectRef, so it finds an effect an earlier run may still commit rather than make
+// another), and knowing this run left nothing behind. And a key that was claimed keeps a row for its whole
+// life: a duplicate refused while this run held units (sold out by its own hold) and storing that refusal
+// only after this run gave them back finds the row and takes the usual path, instead of making the refusal
+// this key's answer (see `storeEarlyRefusal`).
 async function release(db: Db, claim: Claim): Promise<void> {
   try {
-    await db.update(idempotencyKeys).set({ lockedUntil: new Date(0).toISOString() }).where(owned(claim));
+    await db.update(idempotencyKeys).set({ lockedUntil: RELEASED }).where(owned(claim));
   } catch (error) {
     log("warn", "could not release an idempotency claim", { scope: claim.scope, ...describeError(error) });
   }

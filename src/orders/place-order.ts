@@ -131,8 +131,8 @@ async function settleFailedWrite(env: Env, orderKey: string, lines: StockLine[],
   }
   if (!(error instanceof WriteFailed)) {
     // Refused (or D1 unreadable) before anything was written: the reservations go back now. Unless this run
-    // took over another one, which may share them and still commit: then D1 decides, within seconds.
-    if (claim && claim.fresh === false) await settleStockSoon(env, orderKey, lines);
+    // took over one that may share them and still commit (it crashed): then D1 decides, within seconds.
+    if (claim?.shared) await settleStockSoon(env, orderKey, lines);
     else await releaseStock(env, orderKey, lines);
     throw error;
   }

@@ -7,7 +7,7 @@ import { createDb } from "../../src/db/client";
 import { fixedClock, systemClock, DAY_MS } from "../../src/lib/clock";
 import { chargeBalance } from "../../src/wallet/service";
 import { AppError, OutcomeUnknownError } from "../../src/lib/errors";
-import { effectRefOf, idempotent, purgeExpiredIdempotencyKeys, requestFingerprint } from "../../src/lib/idempotency";
+import { effectRefOf, idempotent, purgeExpiredIdempotencyKeys, requestFingerprint, type Claim } from "../../src/lib/idempotency";
 import { handleScheduled } from "../../src/scheduled";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { makeUser } from "../helpers/factories";
@@ -348,6 +348,50 @@ describe("concurrency and failure", () => {
     expect((await send()).status).toBe(200);
     expect((await send()).headers.get("idempotent-replayed")).toBe("true");
     expect(runs).toBe(3);
+  });
+
+  it("a takeover knows what the runs before it may still do, from the row, even within the same millisecond", async () => {
+    // Every request reads the same instant, as concurrent requests of one isolate can on Workers.
+    const app = createApp({ clock: fixedClock("2026-12-02T03:00:00.000Z") });
+    const seen: Claim[] = [];
+    const script: ("fail" | "ok")[] = [];
+    app.post("/test/runs", authenticate, (c) =>
+      idempotent(c, async (claim) => {
+        seen.push({ ...claim! });
+        if (script.shift() === "fail") throw new Error("D1 went away");
+        return c.json({ ok: true }, 200);
+      }),
+    );
+    const user = await makeUser();
+    const scope = `user:${user.id}`;
+    const token = await tokenFor(user.id);
+    const send = (key: string) => call("POST", "/test/runs", { app, token, body: { x: 1 }, headers: { "Idempotency-Key": key } });
+
+    // Released twice, then done: each takeover continues the life and knows nothing of the failed runs remains.
+    const released = newKey();
+    script.push("fail", "fail", "ok");
+    expectProblem(await send(released), 500, "INTERNAL");
+    expectProblem(await send(released), 500, "INTERNAL");
+    expect((await send(released)).status).toBe(200);
+    expect(seen.map(({ fresh, shared }) => ({ fresh, shared }))).toEqual([
+      { fresh: true, shared: false },
+      { fresh: false, shared: false },
+      { fresh: false, shared: false },
+    ]);
+    expect(new Set(seen.map((c) => c.effectRef)).size).toBe(1);
+
+    // A crashed run (its lock ran out) may still commit: its takeover shares the effect, and so does the next
+    // one after that takeover fails cleanly.
+    seen.length = 0;
+    const crashed = newKey();
+    await seedKey({ scope, key: crashed, hash: await requestFingerprint("POST", "/test/runs", JSON.stringify({ x: 1 })) });
+    script.push("fail", "ok");
+    expectProblem(await send(crashed), 500, "INTERNAL");
+    expect((await send(crashed)).status).toBe(200);
+    expect(seen.map(({ fresh, shared }) => ({ fresh, shared }))).toEqual([
+      { fresh: false, shared: true },
+      { fresh: false, shared: true },
+    ]);
   });
 
   it("a refusal a duplicate owes to a run that then fails is not stored: the key's retry still runs", async () => {

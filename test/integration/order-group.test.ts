@@ -222,7 +222,7 @@ describe("runs of one keyed request", () => {
       // A filler's group is being written while both runs of the keyed request arrive: they share the next group.
       const first = orderOne(filler!.token, product.id);
       await expect.poll(() => stalled, { interval: 5 }).toBe(true);
-      const claim = { scope: `user:${user.id}`, key: "two-runs", requestHash: "h", lockedUntil: "x", effectRef: "two-runs-effect", fresh: false };
+      const claim = { scope: `user:${user.id}`, key: "two-runs", requestHash: "h", lockedUntil: "x", effectRef: "two-runs-effect", fresh: false, shared: true };
       const order = { orderKey: "idem:two-runs-effect", userId: user.id, quantity: 1, userCouponId: null, now: new Date().toISOString(), claim };
       const runs = Promise.all([stub.placeOrder(product.id, order), stub.placeOrder(product.id, order)]);
       held.open();
@@ -338,6 +338,79 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
       expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
     });
   }
+
+  it("a retry after a 503 that is then refused gives its units back at once: nothing of a failed request is held", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    const [b] = await buyers(1, 500);
+    // The first run's claim-and-read batch commits, but its reply is lost: 503, its claim released.
+    let struck = false;
+    const restore = inject(env.DB, "batch", (batch) =>
+      (async (statements: D1PreparedStatement[]) => {
+        if (!struck && statements.length === 5) {
+          struck = true;
+          await batch(statements);
+          throw d1Down();
+        }
+        return batch(statements);
+      }) as typeof batch,
+    );
+    try {
+      expectProblem(await keyedOrder(b!.token, product.id, "retry-refused"), 503, "SERVICE_UNAVAILABLE");
+    } finally {
+      restore();
+    }
+    // The retry takes the released claim over, holds a unit, and is refused on the balance: the unit is back
+    // at once, not settled against D1 seconds later as if a crashed run might still commit it.
+    expectProblem(await keyedOrder(b!.token, product.id, "retry-refused"), 400, "INSUFFICIENT_BALANCE");
+    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
+  });
+
+  it("a keyed retry is not refused by the sold-out mark its own failed run's hold caused, even within the same millisecond", async () => {
+    // Every request reads the same instant, as concurrent requests of one isolate can on Workers.
+    const app = createApp({ clock: fixedClock(new Date()) });
+    const product = await makeProduct({ price: 1_000, stock: 1 });
+    const [a, other] = await buyers(2);
+    const order = (token: string, key?: string) =>
+      call("POST", "/api/orders", { app, token, headers: key ? { "Idempotency-Key": key } : {}, body: { items: [{ productId: product.id, quantity: 1 }] } });
+    let phase: "claim-reply-lost" | "read-stalls" | "done" = "claim-reply-lost";
+    const reading = gate();
+    let stalled = false;
+    const restore = inject(env.DB, "batch", (batch) =>
+      (async (statements: D1PreparedStatement[]) => {
+        if (phase === "claim-reply-lost" && statements.length === 5) {
+          phase = "read-stalls";
+          await batch(statements);
+          throw d1Down();
+        }
+        if (phase === "read-stalls" && statements.length === 4) {
+          phase = "done";
+          stalled = true;
+          await reading.opened;
+          throw d1Down();
+        }
+        return batch(statements);
+      }) as typeof batch,
+    );
+    try {
+      // 1. The first run's claim lands but its reply is lost: 503, the claim released.
+      expectProblem(await order(a!.token, "own-hold"), 503, "SERVICE_UNAVAILABLE");
+      // 2. The retry takes the claim over and holds the last unit while its group's read stalls; meanwhile
+      //    another buyer is refused for it, and this isolate marks the product sold out. The read then fails.
+      const retry = order(a!.token, "own-hold");
+      await expect.poll(() => stalled, { interval: 5 }).toBe(true);
+      expectProblem(await order(other!.token), 400, "OUT_OF_STOCK");
+      reading.open();
+      expectProblem(await retry, 503, "SERVICE_UNAVAILABLE");
+    } finally {
+      restore();
+      reading.open();
+    }
+    // 3. The unit is back, the mark still stands: the next retry asks the object and is placed.
+    const placed = await order(a!.token, "own-hold");
+    expect(placed.status).toBe(200);
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", a!.id)).toHaveLength(1);
+    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 0, reserved: 0, available: 0 });
+  });
 
   it("a refusal after the object's claim is stored in that claim and replayed: the balance short, then funded", async () => {
     const product = await makeProduct({ price: 1_000, stock: 5 });

@@ -1,0 +1,1 @@
+ALTER TABLE `idempotency_keys` ADD `earlier_runs` text DEFAULT 'UNKNOWN' NOT NULL;
