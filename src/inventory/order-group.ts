@@ -1,6 +1,6 @@
 import { isConstraintViolation } from "../db/errors";
 import { AppError, type ErrorCode } from "../lib/errors";
-import { claimNewKeys, claimOf, claimsMade, type Claim, type ClaimToMake } from "../lib/idempotency";
+import { claimNewKeys, claimOf, claimsMade, mayShare, type Claim, type ClaimToMake } from "../lib/idempotency";
 import { describeError, log } from "../lib/log";
 import {
   COUPON_FOR_ORDER_SQL,
@@ -231,7 +231,7 @@ export class OrderGroup {
 
   private refuse(w: Waiting, error: unknown): void {
     // A run that took over a crashed one may share its reservation, and that run may still commit: D1 decides.
-    if (w.order.claim?.shared) this.hooks.unknown(w.order.orderKey);
+    if (mayShare(w.order.claim)) this.hooks.unknown(w.order.orderKey);
     else this.hooks.released(w.order.orderKey);
     if (error instanceof AppError) {
       w.answer({ ok: false, code: error.code, detail: error.message });

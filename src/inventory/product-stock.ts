@@ -117,10 +117,9 @@ export class ProductStock extends DurableObject<Env> {
     if (!(await this.load(productId))) return this.refusal("PRODUCT_NOT_FOUND", userId);
     // From here to the insert there is no await: this is the critical section.
     // An order already committed under this key needs nothing more: its write will find the order. An entry
-    // still open under it (an earlier run of the same keyed order) is this run's too: its expiry is pushed
-    // back, so the alarm cannot give it up while this run writes.
+    // still open under it (an earlier run of the same keyed order) is this run's too (see `adopt`).
     if (!newKey && this.known(orderKey)) {
-      this.sql.exec("UPDATE reservations SET expires_at = max(expires_at, ?) WHERE order_key = ?", Date.now() + RESERVATION_TTL_MS, orderKey);
+      this.adopt(orderKey);
       return { ok: true, available: this.available() };
     }
     const refusal = this.assess(quantity, userId);
@@ -181,7 +180,7 @@ export class ProductStock extends DurableObject<Env> {
    */
   async announceRestock(productId: number, restockKey: string, quantity: number, userId: number): Promise<void> {
     if (!(await this.load(productId))) return;
-    if (this.known(restockKey)) return;
+    if (this.known(restockKey)) return this.adopt(restockKey);
     await this.hold(restockKey, { quantity, user_id: userId, kind: "RESTOCK" });
   }
 
@@ -357,6 +356,16 @@ export class ProductStock extends DurableObject<Env> {
         )
         .one().known === 1
     );
+  }
+
+  /**
+   * A later run of the same request (a retry that took the key over) finds the entry an earlier run left
+   * open under `key`, and makes it its own: its expiry is pushed back by a whole TTL, so the alarm cannot give
+   * it up while this run writes (a settle-soon asked by the earlier run is pushed back with it; this run's
+   * own end settles the entry). No-op for a key already settled.
+   */
+  private adopt(key: string): void {
+    this.sql.exec("UPDATE reservations SET expires_at = max(expires_at, ?) WHERE order_key = ?", Date.now() + RESERVATION_TTL_MS, key);
   }
 
   /** The first reason a reservation of `quantity` by `userId` is refused, or null. */

@@ -46,12 +46,12 @@ const REFUSAL_ORDER: StockRefusal[] = ["PRODUCT_NOT_FOUND", "OUT_OF_STOCK", "PUR
 
 /**
  * Reserves every line of `userId`'s order, product by product in id order (two orders never hold each
- * other's last units); all or nothing: on the first refusal or error, what was taken is released (a
- * line whose call threw included: its reply may be all that was lost) and the refusal is thrown. A
- * refusal with lines still unasked asks their objects (without taking anything) whether one of them has
- * a reason that comes first.
+ * other's last units); all or nothing: on the first refusal or error, what was taken is given back (a
+ * line whose call threw included: its reply may be all that was lost; see `giveBack` for `shared`) and
+ * the refusal is thrown. A refusal with lines still unasked asks their objects (without taking anything)
+ * whether one of them has a reason that comes first.
  */
-export async function reserveStock(env: Env, orderKey: string, lines: StockLine[], userId: number): Promise<void> {
+export async function reserveStock(env: Env, orderKey: string, lines: StockLine[], userId: number, shared = false): Promise<void> {
   const sorted = [...lines].sort((a, b) => a.productId - b.productId);
   // A line is owed a release once asked, unless the object answered that it took nothing.
   const owed: StockLine[] = [];
@@ -68,9 +68,17 @@ export async function reserveStock(env: Env, orderKey: string, lines: StockLine[
       }
     }
   } catch (error) {
-    await releaseStock(env, orderKey, owed);
+    await giveBack(env, orderKey, owed, shared);
     throw error;
   }
+}
+
+/**
+ * The units an order that failed before its write holds go back: released now, or, when an earlier run of
+ * the same keyed order may share them and still commit (`shared`: it crashed), settled against D1 soon.
+ */
+export function giveBack(env: Env, orderKey: string, lines: StockLine[], shared: boolean): Promise<void> {
+  return shared ? settleStockSoon(env, orderKey, lines) : releaseStock(env, orderKey, lines);
 }
 
 type Refused = Extract<ReserveResult, { ok: false }>;

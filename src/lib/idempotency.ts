@@ -228,8 +228,12 @@ export interface Claim extends ClaimRequest {
   shared?: boolean;
 }
 
-/** `locked_until` of a released claim: free to take over, and told apart from a crashed one (lock run out). */
-const RELEASED = new Date(0).toISOString();
+/**
+ * `locked_until` of a released claim: free to take over, and told apart from a crashed one (lock run out).
+ * Not the epoch itself, which code before `earlier_runs` wrote when it unlocked a takeover's claim: such a row
+ * (or one an old Worker releases during a deploy) reads as crashed, the safe side.
+ */
+export const RELEASED = new Date(1).toISOString();
 
 /**
  * One atomic statement: insert the claim, or take over a row that is dead, i.e. expired (any
@@ -267,7 +271,18 @@ async function tryClaim(d1: D1Database, claim: ClaimRequest, now: Date): Promise
     .first<{ createdAt: string; earlierRuns: KeyRow["earlierRuns"] }>();
   if (claimed === null) return null;
   const effectRef = await effectRefOf(claim.scope, claim.key, claimed.createdAt);
-  return { ...claim, effectRef, fresh: claimed.earlierRuns === "NONE", shared: claimed.earlierRuns === "UNKNOWN" };
+  const { earlierRuns } = claimed;
+  // Anything but the two known safe values counts as shared.
+  return { ...claim, effectRef, fresh: earlierRuns === "NONE", shared: earlierRuns !== "NONE" && earlierRuns !== "FAILED" };
+}
+
+/**
+ * Whether an earlier run may share `claim`'s effect (see Claim.shared). A claim from a Worker older than
+ * `shared` (a stock object meets those for a while after a deploy) says only whether it is fresh.
+ */
+export function mayShare(claim: Claim | null): boolean {
+  if (claim === null) return false;
+  return claim.shared ?? claim.fresh === false;
 }
 
 /**

@@ -4,8 +4,8 @@ import type { Clock } from "../lib/clock";
 import type { PlaceOrder } from "./schemas";
 import {
   commitStock,
+  giveBack,
   placeSingleProductOrder,
-  releaseStock,
   reserveStock,
   resyncStock,
   settleStockSoon,
@@ -14,7 +14,7 @@ import {
 } from "../inventory/stock";
 import { describeError, log } from "../lib/log";
 import { currentRequestId } from "../lib/request-context";
-import type { Claim, ClaimToMake } from "../lib/idempotency";
+import { mayShare, type Claim, type ClaimToMake } from "../lib/idempotency";
 import {
   COUPON_FOR_ORDER_SQL,
   placedOrderJson,
@@ -84,7 +84,7 @@ export async function placeOrder(deps: PlaceOrderDeps, userId: number, input: Pl
     if (placed !== null) return placed;
   }
   const lines = input.items.map((i) => ({ productId: i.productId, quantity: i.quantity }));
-  await reserveStock(env, orderKey, lines, userId);
+  await reserveStock(env, orderKey, lines, userId, mayShare(deps.claim));
 
   let written: WrittenOrder & { createdAt: string };
   try {
@@ -132,8 +132,7 @@ async function settleFailedWrite(env: Env, orderKey: string, lines: StockLine[],
   if (!(error instanceof WriteFailed)) {
     // Refused (or D1 unreadable) before anything was written: the reservations go back now. Unless this run
     // took over one that may share them and still commit (it crashed): then D1 decides, within seconds.
-    if (claim?.shared) await settleStockSoon(env, orderKey, lines);
-    else await releaseStock(env, orderKey, lines);
+    await giveBack(env, orderKey, lines, mayShare(claim));
     throw error;
   }
   const cause = error.cause;
@@ -148,8 +147,8 @@ async function settleFailedWrite(env: Env, orderKey: string, lines: StockLine[],
   }
   const refusal = translateWriteError(cause);
   if (refusal instanceof AppError) {
-    // A constraint refused the batch: nothing was written, the reservations go back now.
-    await releaseStock(env, orderKey, lines);
+    // A constraint refused the batch: nothing of it was written, the reservations go back (as above).
+    await giveBack(env, orderKey, lines, mayShare(claim));
     // D1 refusing stock an object offered means that object was above D1: it takes D1's numbers again.
     if (isConstraintViolation(cause, "products_stock_non_negative")) await resyncStock(env, lines);
     throw refusal;

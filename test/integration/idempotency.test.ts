@@ -7,7 +7,7 @@ import { createDb } from "../../src/db/client";
 import { fixedClock, systemClock, DAY_MS } from "../../src/lib/clock";
 import { chargeBalance } from "../../src/wallet/service";
 import { AppError, OutcomeUnknownError } from "../../src/lib/errors";
-import { effectRefOf, idempotent, purgeExpiredIdempotencyKeys, requestFingerprint, type Claim } from "../../src/lib/idempotency";
+import { effectRefOf, IDEMPOTENCY_LOCK_MS, idempotent, mayShare, purgeExpiredIdempotencyKeys, RELEASED, requestFingerprint, type Claim } from "../../src/lib/idempotency";
 import { handleScheduled } from "../../src/scheduled";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { makeUser } from "../helpers/factories";
@@ -259,7 +259,7 @@ describe("concurrency and failure", () => {
     const scope = `user:${user.id}`;
     // The first run still holds the key when the retry tries to claim it...
     await seedKey({ scope, key, hash: await chargeHash(body), lockedUntil: FAR_AHEAD });
-    const unlock = () => env.DB.prepare("UPDATE idempotency_keys SET locked_until = ? WHERE scope = ? AND key = ?").bind(new Date(0).toISOString(), scope, key).run();
+    const unlock = () => env.DB.prepare("UPDATE idempotency_keys SET locked_until = ? WHERE scope = ? AND key = ?").bind(RELEASED, scope, key).run();
     let unlocked = false;
     // ...and fails (unlocking its claim) just after the retry's claim missed, before the retry reads the key.
     const restore = inject(env.DB, "prepare", (prepare) =>
@@ -338,7 +338,7 @@ describe("concurrency and failure", () => {
     const key = newKey();
     const token = await tokenFor(user.id);
     const send = (body: unknown = { x: 1 }) => call("POST", "/test/flaky", { app, token, body, headers: { "Idempotency-Key": key } });
-    const unlocked = { state: "IN_PROGRESS", locked_until: new Date(0).toISOString(), response_status: null };
+    const unlocked = { state: "IN_PROGRESS", locked_until: RELEASED, response_status: null };
 
     expectProblem(await send(), 500, "INTERNAL");
     expect(await keyRow(`user:${user.id}`, key)).toMatchObject(unlocked);
@@ -352,46 +352,63 @@ describe("concurrency and failure", () => {
 
   it("a takeover knows what the runs before it may still do, from the row, even within the same millisecond", async () => {
     // Every request reads the same instant, as concurrent requests of one isolate can on Workers.
-    const app = createApp({ clock: fixedClock("2026-12-02T03:00:00.000Z") });
+    const clock = fixedClock("2026-12-02T03:00:00.000Z");
+    const app = createApp({ clock });
     const seen: Claim[] = [];
-    const script: ("fail" | "ok")[] = [];
+    const script: ("fail" | "unknown" | "ok")[] = [];
     app.post("/test/runs", authenticate, (c) =>
       idempotent(c, async (claim) => {
         seen.push({ ...claim! });
-        if (script.shift() === "fail") throw new Error("D1 went away");
+        const next = script.shift();
+        if (next === "fail") throw new Error("D1 went away");
+        if (next === "unknown") throw new OutcomeUnknownError("the write may have committed");
         return c.json({ ok: true }, 200);
       }),
     );
     const user = await makeUser();
-    const scope = `user:${user.id}`;
     const token = await tokenFor(user.id);
     const send = (key: string) => call("POST", "/test/runs", { app, token, body: { x: 1 }, headers: { "Idempotency-Key": key } });
+    const runsOf = async (key: string, steps: ("fail" | "unknown" | "ok" | "lock runs out")[]) => {
+      seen.length = 0;
+      for (const step of steps) {
+        if (step === "lock runs out") {
+          clock.advance(IDEMPOTENCY_LOCK_MS + 1);
+          continue;
+        }
+        script.push(step);
+        await send(key);
+      }
+      expect(new Set(seen.map((c) => c.effectRef)).size).toBe(1);
+      return seen.map(({ fresh, shared }) => ({ fresh, shared }));
+    };
+    const first = { fresh: true, shared: false };
+    const afterCleanFailures = { fresh: false, shared: false };
+    const afterACrash = { fresh: false, shared: true };
 
-    // Released twice, then done: each takeover continues the life and knows nothing of the failed runs remains.
-    const released = newKey();
-    script.push("fail", "fail", "ok");
-    expectProblem(await send(released), 500, "INTERNAL");
-    expectProblem(await send(released), 500, "INTERNAL");
-    expect((await send(released)).status).toBe(200);
-    expect(seen.map(({ fresh, shared }) => ({ fresh, shared }))).toEqual([
-      { fresh: true, shared: false },
-      { fresh: false, shared: false },
-      { fresh: false, shared: false },
+    // Released twice, in the same millisecond as the claim: nothing of the failed runs can still commit.
+    expect(await runsOf(newKey(), ["fail", "fail", "ok"])).toEqual([first, afterCleanFailures, afterCleanFailures]);
+    // A run whose outcome is unknown keeps its claim: once its lock runs out, the takeover may share its effect.
+    expect(await runsOf(newKey(), ["unknown", "lock runs out", "ok"])).toEqual([first, afterACrash]);
+    // Once shared, always shared in this life, even after a later run fails cleanly.
+    expect(await runsOf(newKey(), ["fail", "unknown", "lock runs out", "fail", "ok"])).toEqual([
+      first,
+      afterCleanFailures,
+      afterACrash,
+      afterACrash,
     ]);
-    expect(new Set(seen.map((c) => c.effectRef)).size).toBe(1);
 
-    // A crashed run (its lock ran out) may still commit: its takeover shares the effect, and so does the next
-    // one after that takeover fails cleanly.
-    seen.length = 0;
-    const crashed = newKey();
-    await seedKey({ scope, key: crashed, hash: await requestFingerprint("POST", "/test/runs", JSON.stringify({ x: 1 })) });
-    script.push("fail", "ok");
-    expectProblem(await send(crashed), 500, "INTERNAL");
-    expect((await send(crashed)).status).toBe(200);
-    expect(seen.map(({ fresh, shared }) => ({ fresh, shared }))).toEqual([
-      { fresh: false, shared: true },
-      { fresh: false, shared: true },
-    ]);
+    // Deploys: a row an older Worker unlocked (with the epoch, which it wrote only for a takeover's claim, and
+    // without touching earlier_runs) reads as crashed; an older Worker's claim, without `shared`, says it by `fresh`.
+    const legacy = newKey();
+    await env.DB.prepare(
+      `INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at, earlier_runs)
+       VALUES (?, ?, ?, 'IN_PROGRESS', ?, ?, ?, 'NONE')`,
+    )
+      .bind(`user:${user.id}`, legacy, await requestFingerprint("POST", "/test/runs", JSON.stringify({ x: 1 })), new Date(0).toISOString(), LONG_AGO, FAR_AHEAD)
+      .run();
+    expect(await runsOf(legacy, ["ok"])).toEqual([afterACrash]);
+    const { shared: _, ...olderWorkers } = seen[0]!;
+    expect([mayShare({ ...olderWorkers, fresh: false }), mayShare({ ...olderWorkers, fresh: true })]).toEqual([true, false]);
   });
 
   it("a refusal a duplicate owes to a run that then fails is not stored: the key's retry still runs", async () => {

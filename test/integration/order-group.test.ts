@@ -5,7 +5,7 @@ import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
 import { makeProduct, makeUser } from "../helpers/factories";
 import { d1Down, gate, inject } from "../helpers/faults";
-import { IDEMPOTENCY_LOCK_MS, requestFingerprint } from "../../src/lib/idempotency";
+import { IDEMPOTENCY_LOCK_MS, RELEASED, requestFingerprint } from "../../src/lib/idempotency";
 import { createApp } from "../../src/app";
 import { fixedClock } from "../../src/lib/clock";
 import type { ProductStock } from "../../src/inventory/product-stock";
@@ -14,7 +14,7 @@ import type { ProductStock } from "../../src/inventory/product-stock";
 // each caller answered once its own rows are committed, and a refused order failing alone.
 
 /** A claim given up after a failure: kept, so its key keeps its row, but free for a retry to take over. */
-const UNLOCKED = { state: "IN_PROGRESS", locked_until: new Date(0).toISOString() };
+const UNLOCKED = { state: "IN_PROGRESS", locked_until: RELEASED };
 const stockObject = (productId: number) => env.PRODUCT_STOCK.get(env.PRODUCT_STOCK.idFromName(String(productId)));
 
 async function buyers(count: number, balance = 50_000) {

@@ -344,6 +344,21 @@ describe("POST /api/orders: runs of one idempotent request that overlap", () => 
   }
   const noQueues = { stats: {} as Queue, export: {} as Queue };
 
+  it("a takeover of a crashed run, refused on another product, leaves the crashed run's units to D1, not given back", async () => {
+    const user = await buyer(50_000);
+    const first = await makeProduct({ price: 1_000, stock: 10 });
+    const soldOut = await makeProduct({ price: 1_000, stock: 0 });
+    const body = JSON.stringify({ items: [{ productId: first.id, quantity: 1 }, { productId: soldOut.id, quantity: 1 }] });
+    const claim = await staleClaim(user.id, body);
+    // The crashed run had reserved the first product under the key's order key, and may still commit.
+    const stub = env.PRODUCT_STOCK.get(env.PRODUCT_STOCK.idFromName(String(first.id)));
+    expect(await stub.reserve(first.id, `idem:${claim.effectRef}`, 1, user.id)).toMatchObject({ ok: true });
+    const retry = await call("POST", "/api/orders", { token: user.token, body, headers: { "Idempotency-Key": claim.key } });
+    expectProblem(retry, 400, "OUT_OF_STOCK");
+    // Kept for the object to settle against D1 within seconds (sold if that run commits), not dropped now.
+    expect(await stub.snapshot(first.id)).toEqual({ stock: 10, reserved: 1, available: 9 });
+  });
+
   it("a retry after the Worker died past its commit replays the order instead of placing it again", async () => {
     const user = await buyer(50_000);
     const product = await makeProduct({ price: 1_000, stock: 10 });
