@@ -130,7 +130,7 @@ export async function idempotent<R extends Response>(
     const refused = await storeEarlyRefusal(c, request, now, early);
     if (refused) return refused as R;
   }
-  // (A key the early refusal found in use has a row: the usual path answers it.)
+  // (A key the early refusal found in use, and that a retry may take over, goes the usual path.)
   if (options.claimInHandler && !early) {
     const answered = await runClaimingHandler(c, db, request, now, options.claimInHandler);
     if (answered) return answered as R;
@@ -140,7 +140,7 @@ export async function idempotent<R extends Response>(
   for (let attempt = 0; attempt < 3; attempt++) {
     const claim = await tryClaim(c.env.DB, request, now);
     if (claim) return (await runClaimed(c, db, claim, handler)) as R;
-    const existing = await readKey(db, request);
+    const existing = await readKey(c.env.DB, request);
     if (existing && !claimable(existing, request, now)) return answerExisting(c, existing, request) as R;
   }
   throw new AppError("IDEMPOTENCY_IN_PROGRESS", "A request with this idempotency key is still running");
@@ -148,30 +148,37 @@ export async function idempotent<R extends Response>(
 
 /**
  * A refusal known before anything runs, for a key never seen: stored as the key's result in one write
- * (no claim, then no second write to complete it). A key already in use, or expired, takes the usual
- * path (replay, 409, 422, or a new life); null then. A refusal caused by another run of the same key (its
- * hold took the last unit) always meets that run's row here, even if the run has failed meanwhile: a
- * claim is unlocked on failure, never deleted (`release`).
+ * (no claim, then no second write to complete it). A key already in use is answered from its row, read in
+ * the same batch (a replay, 409 or 422, as the usual path would), unless a retry may take it over (crashed,
+ * released or expired): null then, and the usual path claims it. A refusal caused by another run of the
+ * same key (its hold took the last unit) always meets that run's row here, even if the run has failed
+ * meanwhile: a claim is unlocked on failure, never deleted (`release`).
  */
 async function storeEarlyRefusal(c: Context<AppEnv>, request: ClaimRequest, now: Date, refusal: AppError): Promise<Response | null> {
   const response = problemResponse(c, refusal);
   const body = await response.text();
-  const stored = await c.env.DB.prepare(
-    `INSERT INTO idempotency_keys (scope, key, request_hash, state, response_status, response_body, locked_until, created_at, expires_at, earlier_runs)
-     VALUES (?, ?, ?, 'DONE', ?, ?, ?, ?, ?, 'NONE') ON CONFLICT DO NOTHING RETURNING 1 AS stored`,
-  )
-    .bind(
-      request.scope,
-      request.key,
-      request.requestHash,
-      response.status,
-      body,
-      request.lockedUntil,
-      now.toISOString(),
-      new Date(now.getTime() + IDEMPOTENCY_TTL_MS).toISOString(),
-    )
-    .first();
-  return stored !== null ? new Response(body, { status: response.status, headers: response.headers }) : null;
+  const d1 = c.env.DB;
+  const [inserted, existing] = await d1.batch<Record<string, unknown>>([
+    d1
+      .prepare(
+        `INSERT INTO idempotency_keys (scope, key, request_hash, state, response_status, response_body, locked_until, created_at, expires_at, earlier_runs)
+         VALUES (?, ?, ?, 'DONE', ?, ?, ?, ?, ?, 'NONE') ON CONFLICT DO NOTHING RETURNING 1 AS stored`,
+      )
+      .bind(
+        request.scope,
+        request.key,
+        request.requestHash,
+        response.status,
+        body,
+        request.lockedUntil,
+        now.toISOString(),
+        new Date(now.getTime() + IDEMPOTENCY_TTL_MS).toISOString(),
+      ),
+    selectKey(d1, request),
+  ]);
+  if (inserted!.results.length > 0) return new Response(body, { status: response.status, headers: response.headers });
+  const row = existing!.results[0] as unknown as KeyRow | undefined;
+  return row && !claimable(row, request, now) ? answerExisting(c, row, request) : null;
 }
 
 /** SHA-256 (hex) of what makes two requests "the same": method, path and the raw body. */
@@ -328,10 +335,19 @@ export function effectRefOf(scope: string, key: string, createdAt: string): Prom
   return sha256Hex(`${scope}\n${key}\n${createdAt}`);
 }
 
-async function readKey(db: Db, claim: ClaimRequest): Promise<KeyRow | undefined> {
-  return db.query.idempotencyKeys.findFirst({
-    where: and(eq(idempotencyKeys.scope, claim.scope), eq(idempotencyKeys.key, claim.key)),
-  });
+/** The key's row, its columns named as KeyRow names them. */
+function selectKey(d1: D1Database, claim: ClaimRequest): D1PreparedStatement {
+  return d1
+    .prepare(
+      `SELECT scope, key, request_hash AS requestHash, state, response_status AS responseStatus, response_body AS responseBody,
+         locked_until AS lockedUntil, created_at AS createdAt, expires_at AS expiresAt, earlier_runs AS earlierRuns
+       FROM idempotency_keys WHERE scope = ? AND key = ?`,
+    )
+    .bind(claim.scope, claim.key);
+}
+
+async function readKey(d1: D1Database, claim: ClaimRequest): Promise<KeyRow | undefined> {
+  return (await selectKey(d1, claim).first<KeyRow>()) ?? undefined;
 }
 
 /** Whether `tryClaim` would take `row` over now (the same condition as CLAIM_SQL's). */

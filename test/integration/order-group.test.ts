@@ -339,6 +339,30 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     });
   }
 
+  it("a retry of a placed order, once the product sold out, is replayed from the row read with the refusal: no claim, no second read", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 1 });
+    const [b] = await buyers(1);
+    const placed = await keyedOrder(b!.token, product.id, "placed-then-sold-out");
+    expect(placed.status).toBe(200);
+    // The client's retry (its answer was lost): the product is sold out now, so it is refused early, and its
+    // key's row, read in the same batch as the refusal's insert, answers it.
+    const { result: again, sql } = await preparedDuring(() => keyedOrder(b!.token, product.id, "placed-then-sold-out"));
+    expect(again.status).toBe(200);
+    expect(again.text).toBe(placed.text);
+    expect(again.headers.get("Idempotent-Replayed")).toBe("true");
+    expect(sql.filter(claimedByWorker)).toEqual([]);
+    expect(sql.filter((q) => q.includes("FROM idempotency_keys"))).toHaveLength(1);
+    // The same key for another order: 422 from the same row, and nothing stored over it.
+    const other = await call("POST", "/api/orders", {
+      token: b!.token,
+      headers: { "Idempotency-Key": "placed-then-sold-out" },
+      body: { items: [{ productId: product.id, quantity: 2 }] },
+    });
+    expectProblem(other, 422, "IDEMPOTENCY_KEY_REUSED");
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
+    expect((await keyedOrder(b!.token, product.id, "placed-then-sold-out")).text).toBe(placed.text);
+  });
+
   it("a retry after a 503 that is then refused gives its units back at once: nothing of a failed request is held", async () => {
     const product = await makeProduct({ price: 1_000, stock: 5 });
     const [b] = await buyers(1, 500);
