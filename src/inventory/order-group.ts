@@ -1,6 +1,6 @@
 import { isConstraintViolation } from "../db/errors";
 import { AppError, type ErrorCode } from "../lib/errors";
-import { claimNewKeys, claimOf, claimsMade, mayShare, type Claim, type ClaimToMake } from "../lib/idempotency";
+import { claimNewKeys, claimOf, claimsMade, keyId, keyRowsOf, keysInUse, mayShare, type Claim, type ClaimToMake, type KeyRow } from "../lib/idempotency";
 import { describeError, log } from "../lib/log";
 import {
   COUPON_FOR_ORDER_SQL,
@@ -61,8 +61,8 @@ export interface SingleProductOrder {
 export type GroupOutcome = (
   /** `stored`: this order's batch also stored the idempotent response (false for a replayed order). */
   | { ok: true; body: string; stored: boolean }
-  /** `stock`: the reservation's refusal (of an order claimed here); `keyInUse`: its key had a row. */
-  | { ok: false; code: ErrorCode; detail: string; outcomeUnknown?: boolean; stock?: ReserveResult; keyInUse?: boolean }
+  /** `stock`: the reservation's refusal (of an order claimed here); `keyInUse`: its key had a row (`keyRow`, as read). */
+  | { ok: false; code: ErrorCode; detail: string; outcomeUnknown?: boolean; stock?: ReserveResult; keyInUse?: boolean; keyRow?: KeyRow }
 ) & {
   /** The claim this group made for the order (`claimToMake`), for the Worker to finish. */
   claim?: Claim;
@@ -148,7 +148,9 @@ export class OrderGroup {
       if (w.order.claimToMake) {
         const claim = inputs.claims[i];
         if (!claim) {
-          w.answer({ ok: false, code: "IDEMPOTENCY_IN_PROGRESS", detail: "The idempotency key already has a row", keyInUse: true });
+          // Its row as it was before this group's claims (none for the twin of a key claimed in this group).
+          const keyRow = inputs.keysInUse.get(keyId(w.order.claimToMake));
+          w.answer({ ok: false, code: "IDEMPOTENCY_IN_PROGRESS", detail: "The idempotency key already has a row", keyInUse: true, keyRow });
           continue;
         }
         // From here on it is a claimed order, as if the Worker had claimed it: same order key, same answers.
@@ -282,6 +284,8 @@ function oncePerKey(waiting: Waiting[]): Waiting[] {
 
 interface GroupInputs {
   placed: Map<string, string>;
+  /** The rows the group's keys to claim already had, by `keyId`. */
+  keysInUse: Map<string, KeyRow>;
   /** The claim made for each order of the group (by position), for those with `claimToMake`. */
   claims: (Claim | null)[];
   /** Prices one order against the group's snapshot, counting what earlier orders of the group spent. */
@@ -291,8 +295,9 @@ interface GroupInputs {
 async function readGroupInputs(db: D1Database, productId: number, orders: SingleProductOrder[]): Promise<GroupInputs> {
   const json = (values: unknown[]) => JSON.stringify(values);
   const toMake = orders.flatMap((o) => (o.claimToMake ? [o.claimToMake] : []));
-  // The claims first: the reads below see the group's own claims, and a D1 that cannot be read claims nothing.
-  const claiming = toMake.length > 0 ? [claimNewKeys(db, toMake)] : [];
+  // The claims first (after reading the rows the keys already have, which answer a key in use): the reads below
+  // see the group's own claims, and a D1 that cannot be read claims nothing.
+  const claiming = toMake.length > 0 ? [keysInUse(db, toMake), claimNewKeys(db, toMake)] : [];
   const results = await db.batch<Record<string, unknown>>([
     ...claiming,
     db.prepare("SELECT id, name, price FROM products WHERE id = ?").bind(productId),
@@ -305,7 +310,8 @@ async function readGroupInputs(db: D1Database, productId: number, orders: Single
       .bind(json(orders.filter((o) => o.claim !== null).map((o) => o.orderKey))),
   ]);
   const [productRows, userRows, couponRows, placedRows] = results.slice(claiming.length);
-  const claimRows = claiming.length > 0 ? results[0]!.results : [];
+  const inUseRows = claiming.length > 0 ? results[0]!.results : [];
+  const claimRows = claiming.length > 0 ? results[1]!.results : [];
   const products = new Map((productRows!.results as unknown as ProductPrice[]).map((p) => [p.id, p]));
   const balances = new Map(userRows!.results.map((u) => [u.id as number, u.balance as number]));
   const coupons = new Map((couponRows!.results as unknown as CouponForOrder[]).map((c) => [c.id, c]));
@@ -315,6 +321,7 @@ async function readGroupInputs(db: D1Database, productId: number, orders: Single
   const usedCoupons = new Set<number>();
   return {
     placed,
+    keysInUse: keyRowsOf(inUseRows),
     claims,
     price(order) {
       const balance = balances.get(order.userId);

@@ -138,7 +138,7 @@ export async function placeSingleProductOrder(env: Env, line: StockLine, order: 
   }
   // The claim the object made for a key the Worker did not claim: the Worker finishes it, whatever follows.
   if (order.claimToMake && result.outcome?.claim) order.claimToMake.made = result.outcome.claim;
-  if (result.outcome?.ok === false && result.outcome.keyInUse) throw new KeyInUse();
+  if (result.outcome?.ok === false && result.outcome.keyInUse) throw new KeyInUse(result.outcome.keyRow);
   if (!result.stock.ok) {
     if (result.stock.reason === "OUT_OF_STOCK" && result.stock.available === 0) {
       soldOut.mark(line.productId);

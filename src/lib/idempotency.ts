@@ -64,7 +64,7 @@ function assertValidKey(key: string | undefined): void {
   if (!checked.success) throw validationFailed(checked.error.issues, "idempotency-key");
 }
 
-type KeyRow = typeof idempotencyKeys.$inferSelect;
+export type KeyRow = typeof idempotencyKeys.$inferSelect;
 
 export interface IdempotentOptions {
   /**
@@ -89,9 +89,12 @@ export interface ClaimToMake extends ClaimRequest {
   made: Claim | null;
 }
 
-/** The key of a `claimInHandler` run already had a row: nothing was claimed, nothing done. */
+/**
+ * The key of a `claimInHandler` run already had a row: nothing was claimed, nothing done. With the row when
+ * the handler read it (`keysInUse`), so it is answered from it (replay, 409, 422) without reading it again.
+ */
 export class KeyInUse extends Error {
-  constructor() {
+  constructor(readonly row?: KeyRow) {
     super("the idempotency key already has a row");
   }
 }
@@ -312,6 +315,24 @@ export function claimNewKeys(db: D1Database, toMake: ClaimToMake[]): D1PreparedS
 }
 
 /**
+ * For the same batch, before `claimNewKeys`: the rows the keys of `toMake` already have (a key with one is
+ * not claimed there), so a key in use is answered from its row. `keyRowsOf` maps them by scope and key.
+ */
+export function keysInUse(db: D1Database, toMake: ClaimToMake[]): D1PreparedStatement {
+  return db
+    .prepare(
+      `${KEY_ROW_SQL} WHERE (scope, key) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))`,
+    )
+    .bind(JSON.stringify(toMake.map((t) => [t.scope, t.key])));
+}
+
+export function keyRowsOf(rows: Record<string, unknown>[]): Map<string, KeyRow> {
+  return new Map(rows.map((r) => [keyId(r as unknown as KeyRow), r as unknown as KeyRow]));
+}
+
+export const keyId = (k: { scope: string; key: string }) => JSON.stringify([k.scope, k.key]);
+
+/**
  * The claim `claimNewKeys` made for each of `toMake` (in order), from its rows; null where none was. A row
  * is matched by its key and its owner token (`lockedUntil`) and fingerprint, so two of `toMake` under one
  * key never both think they hold it.
@@ -335,15 +356,15 @@ export function effectRefOf(scope: string, key: string, createdAt: string): Prom
   return sha256Hex(`${scope}\n${key}\n${createdAt}`);
 }
 
-/** The key's row, its columns named as KeyRow names them. */
+/** Key rows, their columns named as KeyRow names them. */
+const KEY_ROW_SQL = `SELECT scope, key, request_hash AS requestHash, state, response_status AS responseStatus,
+    response_body AS responseBody, locked_until AS lockedUntil, created_at AS createdAt, expires_at AS expiresAt,
+    earlier_runs AS earlierRuns
+  FROM idempotency_keys`;
+
+/** The key's row. */
 function selectKey(d1: D1Database, claim: ClaimRequest): D1PreparedStatement {
-  return d1
-    .prepare(
-      `SELECT scope, key, request_hash AS requestHash, state, response_status AS responseStatus, response_body AS responseBody,
-         locked_until AS lockedUntil, created_at AS createdAt, expires_at AS expiresAt, earlier_runs AS earlierRuns
-       FROM idempotency_keys WHERE scope = ? AND key = ?`,
-    )
-    .bind(claim.scope, claim.key);
+  return d1.prepare(`${KEY_ROW_SQL} WHERE scope = ? AND key = ?`).bind(claim.scope, claim.key);
 }
 
 async function readKey(d1: D1Database, claim: ClaimRequest): Promise<KeyRow | undefined> {
@@ -412,7 +433,7 @@ async function runClaimingHandler(
     response = await handler(toMake);
   } catch (error) {
     if (toMake.made) return finishClaimedWithError(c, db, toMake.made, error);
-    if (error instanceof KeyInUse) return null;
+    if (error instanceof KeyInUse) return error.row && !claimable(error.row, request, now) ? answerExisting(c, error.row, request) : null;
     if (error instanceof AppError && error.status < 500) return storeEarlyRefusal(c, request, now, error);
     throw error;
   }

@@ -15,6 +15,9 @@ import type { ProductStock } from "../../src/inventory/product-stock";
 
 /** A claim given up after a failure: kept, so its key keeps its row, but free for a retry to take over. */
 const UNLOCKED = { state: "IN_PROGRESS", locked_until: RELEASED };
+/** Whether a D1 batch is an order group's write (not its read, nor anything else). */
+const writesOrders = (statements: D1PreparedStatement[]) =>
+  statements.some((st) => /^\s*INSERT INTO orders /.test((st as unknown as { statement?: string }).statement ?? ""));
 const stockObject = (productId: number) => env.PRODUCT_STOCK.get(env.PRODUCT_STOCK.idFromName(String(productId)));
 
 async function buyers(count: number, balance = 50_000) {
@@ -313,8 +316,8 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
       let struck = false;
       const restore = inject(env.DB, "batch", (batch) =>
         (async (statements: D1PreparedStatement[]) => {
-          // The group's read with one claim: 5 statements. A claim that landed is handed back and released.
-          if (!struck && statements.length === 5) {
+          // The group's read with one claim: 6 statements. A claim that landed is handed back and released.
+          if (!struck && statements.length === 6) {
             struck = true;
             if (commits) await batch(statements);
             throw d1Down();
@@ -338,6 +341,21 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
       expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
     });
   }
+
+  it("a retry of a placed order while stock remains is replayed from the row its object's group read: no claim, no second read", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    const [b] = await buyers(1);
+    const placed = await keyedOrder(b!.token, product.id, "placed-in-stock");
+    expect(placed.status).toBe(200);
+    const { result: again, sql } = await preparedDuring(() => keyedOrder(b!.token, product.id, "placed-in-stock"));
+    expect(again.status).toBe(200);
+    expect(again.text).toBe(placed.text);
+    expect(again.headers.get("Idempotent-Replayed")).toBe("true");
+    expect(sql.filter(claimedByWorker)).toEqual([]);
+    expect(sql.filter((q) => q.includes("WHERE scope = ? AND key = ?"))).toEqual([]);
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
+    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 4, reserved: 0, available: 4 });
+  });
 
   it("a retry of a placed order, once the product sold out, is replayed from the row read with the refusal: no claim, no second read", async () => {
     const product = await makeProduct({ price: 1_000, stock: 1 });
@@ -370,7 +388,7 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     let struck = false;
     const restore = inject(env.DB, "batch", (batch) =>
       (async (statements: D1PreparedStatement[]) => {
-        if (!struck && statements.length === 5) {
+        if (!struck && statements.length === 6) {
           struck = true;
           await batch(statements);
           throw d1Down();
@@ -401,7 +419,7 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     let stalled = false;
     const restore = inject(env.DB, "batch", (batch) =>
       (async (statements: D1PreparedStatement[]) => {
-        if (phase === "claim-reply-lost" && statements.length === 5) {
+        if (phase === "claim-reply-lost" && statements.length === 6) {
           phase = "read-stalls";
           await batch(statements);
           throw d1Down();
@@ -538,8 +556,6 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     const held = gate();
     let writes = 0;
     // Only the order groups' writes are counted (the queue consumers of earlier tests write D1 meanwhile).
-    const writesOrders = (statements: D1PreparedStatement[]) =>
-      statements.some((st) => /^\s*INSERT INTO orders /.test((st as unknown as { statement?: string }).statement ?? ""));
     const restore = inject(env.DB, "batch", (batch) =>
       (async (statements: D1PreparedStatement[]) => {
         if (writesOrders(statements) && ++writes === 1) await held.opened;
@@ -599,7 +615,7 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     let failed = false;
     const restore = inject(env.DB, "batch", (batch) =>
       (async (statements: D1PreparedStatement[]) => {
-        if (!failed && statements.length > 5) {
+        if (!failed && writesOrders(statements)) {
           failed = true;
           throw d1Down();
         }
