@@ -69,14 +69,16 @@ export type KeyRow = typeof idempotencyKeys.$inferSelect;
 export interface IdempotentOptions {
   /**
    * A refusal the route can give before running anything (a product this isolate knows is sold out).
-   * For a new key it is stored as the key's result in one write; a key in use takes the usual path.
+   * For a new key it is stored as the key's result in one write; a key in use is answered from its row,
+   * read in the same batch (see `storeEarlyRefusal`).
    */
   refuseEarly?: () => AppError | null;
   /**
    * The handler again, making the claim itself in its first D1 batch (see `claimNewKeys`), tried first. It
-   * records the claim it made in `toMake.made`; it throws `KeyInUse` when the key already had a row, and the
-   * usual path (replay, 409, 422, a takeover, a new life) then answers. A refusal (4xx) thrown before any
-   * claim was made is stored as the key's result in one write, as a refusal known early is.
+   * records the claim it made in `toMake.made`; it throws `KeyInUse` when the key already had a row, which
+   * answers if it carries a settled one (a replay, or 422), and else the usual path (409, a takeover, a new
+   * life) does. A refusal (4xx) thrown before any claim was made is stored as the key's result in one write,
+   * as a refusal known early is.
    */
   claimInHandler?: (toMake: ClaimToMake) => Promise<Response>;
 }
@@ -161,7 +163,9 @@ async function storeEarlyRefusal(c: Context<AppEnv>, request: ClaimRequest, now:
   const response = problemResponse(c, refusal);
   const body = await response.text();
   const d1 = c.env.DB;
-  const [inserted, existing] = await d1.batch<Record<string, unknown>>([
+  // The row first (one transaction): if it exists, the insert below does nothing, and it answers.
+  const [existing, inserted] = await d1.batch<Record<string, unknown>>([
+    selectKey(d1, request),
     d1
       .prepare(
         `INSERT INTO idempotency_keys (scope, key, request_hash, state, response_status, response_body, locked_until, created_at, expires_at, earlier_runs)
@@ -177,7 +181,6 @@ async function storeEarlyRefusal(c: Context<AppEnv>, request: ClaimRequest, now:
         now.toISOString(),
         new Date(now.getTime() + IDEMPOTENCY_TTL_MS).toISOString(),
       ),
-    selectKey(d1, request),
   ]);
   if (inserted!.results.length > 0) return new Response(body, { status: response.status, headers: response.headers });
   const row = existing!.results[0] as unknown as KeyRow | undefined;
@@ -297,7 +300,7 @@ export function mayShare(claim: Claim | null): boolean {
 
 /**
  * One statement, for a handler's first batch, that claims every key of `toMake` that has no row yet (a key
- * with any row, even expired or crashed, is left to the usual path). It returns a row per key claimed, with
+ * with any row, even expired or crashed, is left to `keysInUse` and the usual path). It returns a row per key claimed, with
  * its owner token and fingerprint; `claimsMade` turns them into claims. Two of `toMake` under one key: only
  * the first is claimed.
  */
@@ -316,7 +319,8 @@ export function claimNewKeys(db: D1Database, toMake: ClaimToMake[]): D1PreparedS
 
 /**
  * For the same batch, before `claimNewKeys`: the rows the keys of `toMake` already have (a key with one is
- * not claimed there), so a key in use is answered from its row. `keyRowsOf` maps them by scope and key.
+ * not claimed there), so a key in use with a settled row is answered from it. `keyRowsOf` maps them by scope
+ * and key.
  */
 export function keysInUse(db: D1Database, toMake: ClaimToMake[]): D1PreparedStatement {
   return db
@@ -371,6 +375,15 @@ async function readKey(d1: D1Database, claim: ClaimRequest): Promise<KeyRow | un
   return (await selectKey(d1, claim).first<KeyRow>()) ?? undefined;
 }
 
+/**
+ * Whether a row read a moment ago still gives the answer a fresh read would: a done result, or another
+ * request's fingerprint, neither of which changes while the key lives. A running claim may have finished or
+ * been released since (then the usual path reads it again).
+ */
+function settled(row: KeyRow, request: ClaimRequest, now: Date): boolean {
+  return !claimable(row, request, now) && (row.state === "DONE" || row.requestHash !== request.requestHash);
+}
+
 /** Whether `tryClaim` would take `row` over now (the same condition as CLAIM_SQL's). */
 function claimable(row: KeyRow, request: ClaimRequest, now: Date): boolean {
   const at = now.toISOString();
@@ -412,8 +425,9 @@ async function runClaimed(
 }
 
 /**
- * The handler claimed the key itself (`claimInHandler`). Null when the key already had a row; a refusal
- * before any claim is stored in one write (null if the key got a row meanwhile).
+ * The handler claimed the key itself (`claimInHandler`). A key that already had a row is answered from it
+ * when the handler read it settled (see `settled`), else null (the usual path answers); a refusal before any
+ * claim is stored in one write (or answered from the row the key got meanwhile, as in `storeEarlyRefusal`).
  */
 async function runClaimingHandler(
   c: Context<AppEnv>,
@@ -433,7 +447,7 @@ async function runClaimingHandler(
     response = await handler(toMake);
   } catch (error) {
     if (toMake.made) return finishClaimedWithError(c, db, toMake.made, error);
-    if (error instanceof KeyInUse) return error.row && !claimable(error.row, request, now) ? answerExisting(c, error.row, request) : null;
+    if (error instanceof KeyInUse) return error.row && settled(error.row, request, now) ? answerExisting(c, error.row, request) : null;
     if (error instanceof AppError && error.status < 500) return storeEarlyRefusal(c, request, now, error);
     throw error;
   }

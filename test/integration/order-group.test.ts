@@ -15,9 +15,15 @@ import type { ProductStock } from "../../src/inventory/product-stock";
 
 /** A claim given up after a failure: kept, so its key keeps its row, but free for a retry to take over. */
 const UNLOCKED = { state: "IN_PROGRESS", locked_until: RELEASED };
-/** Whether a D1 batch is an order group's write (not its read, nor anything else). */
-const writesOrders = (statements: D1PreparedStatement[]) =>
-  statements.some((st) => /^\s*INSERT INTO orders /.test((st as unknown as { statement?: string }).statement ?? ""));
+// What a D1 batch is, told by its SQL: an order group's write, its read, and whether that read claims keys.
+const sqlOf = (st: D1PreparedStatement) => (st as unknown as { statement?: string }).statement ?? "";
+const writesOrders = (statements: D1PreparedStatement[]) => statements.some((st) => /^\s*INSERT INTO orders /.test(sqlOf(st)));
+const readsGroup = (statements: D1PreparedStatement[]) =>
+  statements.some((st) => sqlOf(st).startsWith("SELECT id, name, price FROM products WHERE id = ?"));
+const claimsKeys = (statements: D1PreparedStatement[]) =>
+  statements.some((st) => sqlOf(st).includes("INSERT INTO idempotency_keys") && sqlOf(st).includes("json_each"));
+/** The group's read batch that also claims the new keys of its orders. */
+const claimsAndReads = (statements: D1PreparedStatement[]) => readsGroup(statements) && claimsKeys(statements);
 const stockObject = (productId: number) => env.PRODUCT_STOCK.get(env.PRODUCT_STOCK.idFromName(String(productId)));
 
 async function buyers(count: number, balance = 50_000) {
@@ -73,7 +79,7 @@ describe("group commit of one product's orders", () => {
     let struck = false;
     const restore = inject(env.DB, "batch", (batch) =>
       (async (statements: D1PreparedStatement[]) => {
-        if (!struck && statements.length > 4) {
+        if (!struck && writesOrders(statements)) {
           struck = true;
           await env.DB.prepare("UPDATE users SET balance = 0 WHERE id = ?").bind(spent.id).run();
         }
@@ -214,7 +220,7 @@ describe("runs of one keyed request", () => {
     let stalled = false;
     const restore = inject(env.DB, "batch", (batch) =>
       (async (statements: D1PreparedStatement[]) => {
-        if (!stalled && statements.length > 4) {
+        if (!stalled && writesOrders(statements)) {
           stalled = true;
           await held.opened;
         }
@@ -316,8 +322,8 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
       let struck = false;
       const restore = inject(env.DB, "batch", (batch) =>
         (async (statements: D1PreparedStatement[]) => {
-          // The group's read with one claim: 6 statements. A claim that landed is handed back and released.
-          if (!struck && statements.length === 6) {
+          // The group's read, claiming the key. A claim that landed is handed back and released.
+          if (!struck && claimsAndReads(statements)) {
             struck = true;
             if (commits) await batch(statements);
             throw d1Down();
@@ -351,6 +357,7 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     expect(again.status).toBe(200);
     expect(again.text).toBe(placed.text);
     expect(again.headers.get("Idempotent-Replayed")).toBe("true");
+    expect(again.headers.get("Content-Type")).toBe(placed.headers.get("Content-Type"));
     expect(sql.filter(claimedByWorker)).toEqual([]);
     expect(sql.filter((q) => q.includes("WHERE scope = ? AND key = ?"))).toEqual([]);
     expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
@@ -368,15 +375,20 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     expect(again.status).toBe(200);
     expect(again.text).toBe(placed.text);
     expect(again.headers.get("Idempotent-Replayed")).toBe("true");
+    expect(again.headers.get("Content-Type")).toBe(placed.headers.get("Content-Type"));
     expect(sql.filter(claimedByWorker)).toEqual([]);
     expect(sql.filter((q) => q.includes("FROM idempotency_keys"))).toHaveLength(1);
     // The same key for another order: 422 from the same row, and nothing stored over it.
-    const other = await call("POST", "/api/orders", {
-      token: b!.token,
-      headers: { "Idempotency-Key": "placed-then-sold-out" },
-      body: { items: [{ productId: product.id, quantity: 2 }] },
-    });
+    const { result: other, sql: otherSql } = await preparedDuring(() =>
+      call("POST", "/api/orders", {
+        token: b!.token,
+        headers: { "Idempotency-Key": "placed-then-sold-out" },
+        body: { items: [{ productId: product.id, quantity: 2 }] },
+      }),
+    );
     expectProblem(other, 422, "IDEMPOTENCY_KEY_REUSED");
+    expect(otherSql.filter(claimedByWorker)).toEqual([]);
+    expect(otherSql.filter((q) => q.includes("FROM idempotency_keys"))).toHaveLength(1);
     expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
     expect((await keyedOrder(b!.token, product.id, "placed-then-sold-out")).text).toBe(placed.text);
   });
@@ -388,7 +400,7 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     let struck = false;
     const restore = inject(env.DB, "batch", (batch) =>
       (async (statements: D1PreparedStatement[]) => {
-        if (!struck && statements.length === 6) {
+        if (!struck && claimsAndReads(statements)) {
           struck = true;
           await batch(statements);
           throw d1Down();
@@ -419,12 +431,12 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     let stalled = false;
     const restore = inject(env.DB, "batch", (batch) =>
       (async (statements: D1PreparedStatement[]) => {
-        if (phase === "claim-reply-lost" && statements.length === 6) {
+        if (phase === "claim-reply-lost" && claimsAndReads(statements)) {
           phase = "read-stalls";
           await batch(statements);
           throw d1Down();
         }
-        if (phase === "read-stalls" && statements.length === 4) {
+        if (phase === "read-stalls" && readsGroup(statements) && !claimsKeys(statements)) {
           phase = "done";
           stalled = true;
           await reading.opened;
