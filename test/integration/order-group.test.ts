@@ -348,50 +348,37 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     });
   }
 
-  it("a retry of a placed order while stock remains is replayed from the row its object's group read: no claim, no second read", async () => {
-    const product = await makeProduct({ price: 1_000, stock: 5 });
-    const [b] = await buyers(1);
-    const placed = await keyedOrder(b!.token, product.id, "placed-in-stock");
-    expect(placed.status).toBe(200);
-    const { result: again, sql } = await preparedDuring(() => keyedOrder(b!.token, product.id, "placed-in-stock"));
-    expect(again.status).toBe(200);
-    expect(again.text).toBe(placed.text);
-    expect(again.headers.get("Idempotent-Replayed")).toBe("true");
-    expect(again.headers.get("Content-Type")).toBe(placed.headers.get("Content-Type"));
-    expect(sql.filter(claimedByWorker)).toEqual([]);
-    expect(sql.filter((q) => q.includes("WHERE scope = ? AND key = ?"))).toEqual([]);
-    expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
-    expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 4, reserved: 0, available: 4 });
-  });
-
-  it("a retry of a placed order, once the product sold out, is replayed from the row read with the refusal: no claim, no second read", async () => {
-    const product = await makeProduct({ price: 1_000, stock: 1 });
-    const [b] = await buyers(1);
-    const placed = await keyedOrder(b!.token, product.id, "placed-then-sold-out");
-    expect(placed.status).toBe(200);
-    // The client's retry (its answer was lost): the product is sold out now, so it is refused early, and its
-    // key's row, read in the same batch as the refusal's insert, answers it.
-    const { result: again, sql } = await preparedDuring(() => keyedOrder(b!.token, product.id, "placed-then-sold-out"));
-    expect(again.status).toBe(200);
-    expect(again.text).toBe(placed.text);
-    expect(again.headers.get("Idempotent-Replayed")).toBe("true");
-    expect(again.headers.get("Content-Type")).toBe(placed.headers.get("Content-Type"));
-    expect(sql.filter(claimedByWorker)).toEqual([]);
-    expect(sql.filter((q) => q.includes("FROM idempotency_keys"))).toHaveLength(1);
-    // The same key for another order: 422 from the same row, and nothing stored over it.
-    const { result: other, sql: otherSql } = await preparedDuring(() =>
-      call("POST", "/api/orders", {
-        token: b!.token,
-        headers: { "Idempotency-Key": "placed-then-sold-out" },
-        body: { items: [{ productId: product.id, quantity: 2 }] },
-      }),
-    );
-    expectProblem(other, 422, "IDEMPOTENCY_KEY_REUSED");
-    expect(otherSql.filter(claimedByWorker)).toEqual([]);
-    expect(otherSql.filter((q) => q.includes("FROM idempotency_keys"))).toHaveLength(1);
-    expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
-    expect((await keyedOrder(b!.token, product.id, "placed-then-sold-out")).text).toBe(placed.text);
-  });
+  for (const { when, stock, through } of [
+    { when: "while stock remains", stock: 5, through: "the row its object's group read" },
+    { when: "once the product sold out", stock: 1, through: "the row read with its early refusal" },
+  ]) {
+    it(`a retry of a placed order ${when} is replayed from ${through}: no claim, the row read once`, async () => {
+      const product = await makeProduct({ price: 1_000, stock });
+      const [b] = await buyers(1);
+      const key = `placed-${stock}`;
+      const placed = await keyedOrder(b!.token, product.id, key);
+      expect(placed.status).toBe(200);
+      // The client's retry (its answer was lost): its key's row, read in the batch the retry makes anyway
+      // (the group's read, or the early refusal's insert once the product is sold out), answers it.
+      const { result: again, sql } = await preparedDuring(() => keyedOrder(b!.token, product.id, key));
+      expect(again.status).toBe(200);
+      expect(again.text).toBe(placed.text);
+      expect(again.headers.get("Idempotent-Replayed")).toBe("true");
+      expect(again.headers.get("Content-Type")).toBe(placed.headers.get("Content-Type"));
+      expect(sql.filter(claimedByWorker)).toEqual([]);
+      expect(sql.filter((q) => q.includes("FROM idempotency_keys"))).toHaveLength(1);
+      // The same key for another order: 422 from the same row, and nothing stored over it.
+      const { result: other, sql: otherSql } = await preparedDuring(() =>
+        call("POST", "/api/orders", { token: b!.token, headers: { "Idempotency-Key": key }, body: { items: [{ productId: product.id, quantity: 2 }] } }),
+      );
+      expectProblem(other, 422, "IDEMPOTENCY_KEY_REUSED");
+      expect(otherSql.filter(claimedByWorker)).toEqual([]);
+      expect(otherSql.filter((q) => q.includes("FROM idempotency_keys"))).toHaveLength(1);
+      expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
+      expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: stock - 1, reserved: 0, available: stock - 1 });
+      expect((await keyedOrder(b!.token, product.id, key)).text).toBe(placed.text);
+    });
+  }
 
   it("a retry after a 503 that is then refused gives its units back at once: nothing of a failed request is held", async () => {
     const product = await makeProduct({ price: 1_000, stock: 5 });
