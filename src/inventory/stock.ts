@@ -16,10 +16,10 @@ export interface StockLine {
 }
 
 /**
- * Products this isolate saw sold out, and until when it refuses their unkeyed one-product orders itself,
- * without the object call (most of a drop's requests are such refusals). Stock that comes back stays
- * hidden at most this long from other isolates; this isolate forgets the mark as soon as it gives
- * units back itself.
+ * Products this isolate saw sold out, and until when it refuses their one-product orders itself, without the
+ * object call (most of a drop's requests are such refusals): unkeyed ones here, and keyed ones in the route,
+ * before their key has a row. Stock that comes back stays hidden at most this long; this isolate forgets the
+ * mark at once when it gives units back itself (not when the object's order group does).
  */
 const SOLD_OUT_MARK_MS = 1_000;
 const soldOut = new SoldOutMarks(SOLD_OUT_MARK_MS, (productId) => new AppError("OUT_OF_STOCK", `Product ${productId} is sold out`));

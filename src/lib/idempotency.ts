@@ -76,7 +76,7 @@ export interface IdempotentOptions {
   /**
    * The handler again, making the claim itself in its first D1 batch (see `claimNewKeys`), tried first. It
    * records the claim it made in `toMake.made`; it throws `KeyInUse` when the key already had a row, which
-   * answers if it carries a settled one (a replay, or 422), and else the usual path (409, a takeover, a new
+   * answers if it carries a final one (a replay, or 422), and else the usual path (409, a takeover, a new
    * life) does. A refusal (4xx) thrown before any claim was made is stored as the key's result in one write,
    * as a refusal known early is.
    */
@@ -93,7 +93,8 @@ export interface ClaimToMake extends ClaimRequest {
 
 /**
  * The key of a `claimInHandler` run already had a row: nothing was claimed, nothing done. With the row when
- * the handler read it (`keysInUse`), so it is answered from it (replay, 409, 422) without reading it again.
+ * the handler read it (`keysInUse`), so a final one is answered from it (a replay, or 422) without reading
+ * it again.
  */
 export class KeyInUse extends Error {
   constructor(readonly row?: KeyRow) {
@@ -183,6 +184,8 @@ async function storeEarlyRefusal(c: Context<AppEnv>, request: ClaimRequest, now:
       ),
   ]);
   if (inserted!.results.length > 0) return new Response(body, { status: response.status, headers: response.headers });
+  // Not this refusal's answer after all: the metrics take the code of whatever answers instead.
+  c.set("problemCode", undefined);
   const row = existing!.results[0] as unknown as KeyRow | undefined;
   return row && !claimable(row, request, now) ? answerExisting(c, row, request) : null;
 }
@@ -319,7 +322,7 @@ export function claimNewKeys(db: D1Database, toMake: ClaimToMake[]): D1PreparedS
 
 /**
  * For the same batch, before `claimNewKeys`: the rows the keys of `toMake` already have (a key with one is
- * not claimed there), so a key in use with a settled row is answered from it. `keyRowsOf` maps them by scope
+ * not claimed there), so a key in use with a final row is answered from it. `keyRowsOf` maps them by scope
  * and key.
  */
 export function keysInUse(db: D1Database, toMake: ClaimToMake[]): D1PreparedStatement {
@@ -380,7 +383,7 @@ async function readKey(d1: D1Database, claim: ClaimRequest): Promise<KeyRow | un
  * request's fingerprint, neither of which changes while the key lives. A running claim may have finished or
  * been released since (then the usual path reads it again).
  */
-function settled(row: KeyRow, request: ClaimRequest, now: Date): boolean {
+function isFinal(row: KeyRow, request: ClaimRequest, now: Date): boolean {
   return !claimable(row, request, now) && (row.state === "DONE" || row.requestHash !== request.requestHash);
 }
 
@@ -426,7 +429,7 @@ async function runClaimed(
 
 /**
  * The handler claimed the key itself (`claimInHandler`). A key that already had a row is answered from it
- * when the handler read it settled (see `settled`), else null (the usual path answers); a refusal before any
+ * when the row the handler read is final (see `isFinal`), else null (the usual path answers); a refusal before any
  * claim is stored in one write (or answered from the row the key got meanwhile, as in `storeEarlyRefusal`).
  */
 async function runClaimingHandler(
@@ -447,7 +450,7 @@ async function runClaimingHandler(
     response = await handler(toMake);
   } catch (error) {
     if (toMake.made) return finishClaimedWithError(c, db, toMake.made, error);
-    if (error instanceof KeyInUse) return error.row && settled(error.row, request, now) ? answerExisting(c, error.row, request) : null;
+    if (error instanceof KeyInUse) return error.row && isFinal(error.row, request, now) ? answerExisting(c, error.row, request) : null;
     if (error instanceof AppError && error.status < 500) return storeEarlyRefusal(c, request, now, error);
     throw error;
   }

@@ -329,3 +329,36 @@ describe("a re-sync racing a group commit", () => {
     await expect.poll(() => stub.snapshot(product.id)).toEqual({ stock: 4, reserved: 0, available: 4 });
   });
 });
+
+describe("a later run of the same request adopts the entry an earlier run left open", () => {
+  /** When the object's alarm would give up the entry under `key` (ms since the epoch). */
+  const expiryOf = (productId: number, key: string) =>
+    runInDurableObject(stockObject(productId), (_instance, state) =>
+      state.storage.sql.exec<{ expires_at: number }>("SELECT expires_at FROM reservations WHERE order_key = ?", key).one().expires_at,
+    );
+
+  it("a retried order's reservation, set to settle soon by the earlier run, is held for the retry's whole write", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    const user = await makeUser();
+    const stub = stockObject(product.id);
+    expect(await stub.reserve(product.id, "idem:adopted-sale", 1, user.id)).toMatchObject({ ok: true });
+    // The earlier run's write had an unknown outcome: its entry is to be settled against D1 within seconds.
+    await stub.settleSoon(product.id, "idem:adopted-sale");
+    expect(await expiryOf(product.id, "idem:adopted-sale")).toBeLessThan(Date.now() + 10_000);
+    // The retry (a takeover, same order key) finds it and makes it its own: the alarm cannot give it up mid-write.
+    expect(await stub.reserve(product.id, "idem:adopted-sale", 1, user.id)).toMatchObject({ ok: true });
+    expect(await expiryOf(product.id, "idem:adopted-sale")).toBeGreaterThan(Date.now() + 60_000);
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 1, available: 4 });
+  });
+
+  it("a retried cancellation's announced restock is held the same way", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    const user = await makeUser();
+    const stub = stockObject(product.id);
+    await stub.announceRestock(product.id, "restock:adopted", 1, user.id);
+    await stub.settleSoon(product.id, "restock:adopted");
+    expect(await expiryOf(product.id, "restock:adopted")).toBeLessThan(Date.now() + 10_000);
+    await stub.announceRestock(product.id, "restock:adopted", 1, user.id);
+    expect(await expiryOf(product.id, "restock:adopted")).toBeGreaterThan(Date.now() + 60_000);
+  });
+});
