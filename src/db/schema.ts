@@ -286,6 +286,9 @@ export const idempotencyKeys = sqliteTable(
     // NONE (the claim began the life), FAILED (each ended without its effect), UNKNOWN (one crashed or lost
     // its outcome, and may still commit). Rows from before the column are UNKNOWN: the safe assumption.
     earlierRuns: text("earlier_runs", { enum: ["NONE", "FAILED", "UNKNOWN"] }).notNull().default("UNKNOWN"),
+    // The request that holds the current claim (random per request), with `locked_until`: two requests that
+    // read the same millisecond share a lock time, never an owner. Null on rows from before the column.
+    owner: text("owner"),
   },
   (t) => [
     primaryKey({ columns: [t.scope, t.key] }),

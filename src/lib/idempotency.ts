@@ -1,4 +1,4 @@
-import { and, eq, lte } from "drizzle-orm";
+import { and, eq, isNull, lte } from "drizzle-orm";
 import type { Context } from "hono";
 import { createMiddleware } from "hono/factory";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
@@ -129,6 +129,7 @@ export async function idempotent<R extends Response>(
     key,
     requestHash: await requestFingerprint(c.req.method, c.req.path, await c.req.text()),
     lockedUntil: new Date(now.getTime() + IDEMPOTENCY_LOCK_MS).toISOString(),
+    owner: crypto.randomUUID(),
   };
 
   const early = options.refuseEarly?.();
@@ -169,8 +170,8 @@ async function storeEarlyRefusal(c: Context<AppEnv>, request: ClaimRequest, now:
     selectKey(d1, request),
     d1
       .prepare(
-        `INSERT INTO idempotency_keys (scope, key, request_hash, state, response_status, response_body, locked_until, created_at, expires_at, earlier_runs)
-         VALUES (?, ?, ?, 'DONE', ?, ?, ?, ?, ?, 'NONE') ON CONFLICT DO NOTHING RETURNING 1 AS stored`,
+        `INSERT INTO idempotency_keys (scope, key, request_hash, state, response_status, response_body, locked_until, created_at, expires_at, earlier_runs, owner)
+         VALUES (?, ?, ?, 'DONE', ?, ?, ?, ?, ?, 'NONE', ?) ON CONFLICT DO NOTHING RETURNING 1 AS stored`,
       )
       .bind(
         request.scope,
@@ -181,6 +182,7 @@ async function storeEarlyRefusal(c: Context<AppEnv>, request: ClaimRequest, now:
         request.lockedUntil,
         now.toISOString(),
         new Date(now.getTime() + IDEMPOTENCY_TTL_MS).toISOString(),
+        request.owner ?? null,
       ),
   ]);
   if (inserted!.results.length > 0) return new Response(body, { status: response.status, headers: response.headers });
@@ -209,17 +211,22 @@ export function completeClaim(db: D1Database, claim: Claim, bodySql: string, ...
   return db
     .prepare(
       `UPDATE idempotency_keys SET state = 'DONE', response_status = 200, response_body = (${bodySql})
-       WHERE scope = ? AND key = ? AND state = 'IN_PROGRESS' AND locked_until = ? AND (${bodySql}) IS NOT NULL`,
+       WHERE scope = ? AND key = ? AND state = 'IN_PROGRESS' AND locked_until = ? AND owner IS ? AND (${bodySql}) IS NOT NULL`,
     )
-    .bind(...bodyParams, claim.scope, claim.key, claim.lockedUntil, ...bodyParams);
+    .bind(...bodyParams, claim.scope, claim.key, claim.lockedUntil, claim.owner ?? null, ...bodyParams);
 }
 
 interface ClaimRequest {
   scope: string;
   key: string;
   requestHash: string;
-  /** Also the claim's owner token: only the request that wrote it may complete or release it. */
+  /** With `owner`, the claim's owner token: only the request that wrote it may complete or release it. */
   lockedUntil: string;
+  /**
+   * Random per request: two requests that read the same millisecond share `lockedUntil`, never this. Absent
+   * only on a claim made before owners were recorded (matched by its lock alone, as it was made).
+   */
+  owner?: string | null;
 }
 
 export interface Claim extends ClaimRequest {
@@ -260,14 +267,15 @@ export const RELEASED = new Date(1).toISOString();
  * Plain SQL, not a query builder: every keyed write runs it.
  */
 const CLAIM_SQL = `
-  INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at, earlier_runs)
-  VALUES (?1, ?2, ?3, 'IN_PROGRESS', ?4, ?5, ?6, 'NONE')
+  INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at, earlier_runs, owner)
+  VALUES (?1, ?2, ?3, 'IN_PROGRESS', ?4, ?5, ?6, 'NONE', ?7)
   ON CONFLICT (scope, key) DO UPDATE SET
     request_hash = excluded.request_hash,
     state = 'IN_PROGRESS',
     response_status = NULL,
     response_body = NULL,
     locked_until = excluded.locked_until,
+    owner = excluded.owner,
     created_at = CASE WHEN idempotency_keys.expires_at <= ?5 THEN ?5 ELSE idempotency_keys.created_at END,
     expires_at = CASE WHEN idempotency_keys.expires_at <= ?5 THEN ?6 ELSE idempotency_keys.expires_at END,
     earlier_runs = CASE
@@ -283,7 +291,7 @@ async function tryClaim(d1: D1Database, claim: ClaimRequest, now: Date): Promise
   const expiresAt = new Date(now.getTime() + IDEMPOTENCY_TTL_MS).toISOString();
   const claimed = await d1
     .prepare(CLAIM_SQL)
-    .bind(claim.scope, claim.key, claim.requestHash, claim.lockedUntil, at, expiresAt)
+    .bind(claim.scope, claim.key, claim.requestHash, claim.lockedUntil, at, expiresAt, claim.owner ?? null)
     .first<{ createdAt: string; earlierRuns: KeyRow["earlierRuns"] }>();
   if (claimed === null) return null;
   const effectRef = await effectRefOf(claim.scope, claim.key, claimed.createdAt);
@@ -308,14 +316,14 @@ export function mayShare(claim: Claim | null): boolean {
  * the first is claimed.
  */
 export function claimNewKeys(db: D1Database, toMake: ClaimToMake[]): D1PreparedStatement {
-  const rows = toMake.map((t) => [t.scope, t.key, t.requestHash, t.lockedUntil, t.createdAt, t.expiresAt]);
+  const rows = toMake.map((t) => [t.scope, t.key, t.requestHash, t.lockedUntil, t.createdAt, t.expiresAt, t.owner ?? null]);
   return db
     .prepare(
-      `INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at, earlier_runs)
+      `INSERT INTO idempotency_keys (scope, key, request_hash, state, locked_until, created_at, expires_at, earlier_runs, owner)
        SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), 'IN_PROGRESS',
-         json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'), 'NONE'
+         json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'), 'NONE', json_extract(value, '$[6]')
        FROM json_each(?) WHERE true
-       ON CONFLICT DO NOTHING RETURNING scope, key, request_hash AS requestHash, locked_until AS lockedUntil`,
+       ON CONFLICT DO NOTHING RETURNING scope, key, request_hash AS requestHash, locked_until AS lockedUntil, owner`,
     )
     .bind(JSON.stringify(rows));
 }
@@ -341,12 +349,12 @@ export const keyId = (k: { scope: string; key: string }) => JSON.stringify([k.sc
 
 /**
  * The claim `claimNewKeys` made for each of `toMake` (in order), from its rows; null where none was. A row
- * is matched by its key and its owner token (`lockedUntil`) and fingerprint, so two of `toMake` under one
+ * is matched by its key, its owner (`owner` and `lockedUntil`) and its fingerprint, so two of `toMake` under one
  * key never both think they hold it.
  */
 export async function claimsMade(toMake: ClaimToMake[], rows: Record<string, unknown>[]): Promise<(Claim | null)[]> {
-  const id = (r: { scope: unknown; key: unknown; requestHash: unknown; lockedUntil: unknown }) =>
-    JSON.stringify([r.scope, r.key, r.requestHash, r.lockedUntil]);
+  const id = (r: { scope: unknown; key: unknown; requestHash: unknown; lockedUntil: unknown; owner?: unknown }) =>
+    JSON.stringify([r.scope, r.key, r.requestHash, r.lockedUntil, r.owner ?? null]);
   const claimed = new Set(rows.map((r) => id(r as Parameters<typeof id>[0])));
   // Deleted as matched (before any await): identical twins of one key get one claim between them.
   return Promise.all(toMake.map((t) => (claimed.delete(id(t)) ? claimOf(t) : null)));
@@ -354,8 +362,8 @@ export async function claimsMade(toMake: ClaimToMake[], rows: Record<string, unk
 
 /** The claim of `toMake` once its row is written: a fresh one, its key's life beginning at `createdAt`. */
 export async function claimOf(toMake: ClaimToMake): Promise<Claim> {
-  const { scope, key, requestHash, lockedUntil, createdAt } = toMake;
-  return { scope, key, requestHash, lockedUntil, effectRef: await effectRefOf(scope, key, createdAt), fresh: true, shared: false };
+  const { scope, key, requestHash, lockedUntil, owner, createdAt } = toMake;
+  return { scope, key, requestHash, lockedUntil, owner, effectRef: await effectRefOf(scope, key, createdAt), fresh: true, shared: false };
 }
 
 /** The effect reference of a key's life, the one that began at `createdAt`. */
@@ -479,9 +487,9 @@ async function finishClaimed(c: Context<AppEnv>, db: Db, claim: Claim, response:
   const body = await response.text();
   await c.env.DB.prepare(
     `UPDATE idempotency_keys SET state = 'DONE', response_status = ?, response_body = ?
-     WHERE scope = ? AND key = ? AND state = 'IN_PROGRESS' AND locked_until = ?`,
+     WHERE scope = ? AND key = ? AND state = 'IN_PROGRESS' AND locked_until = ? AND owner IS ?`,
   )
-    .bind(response.status, body, claim.scope, claim.key, claim.lockedUntil)
+    .bind(response.status, body, claim.scope, claim.key, claim.lockedUntil, claim.owner ?? null)
     .run();
   return new Response(body, { status: response.status, headers: response.headers });
 }
@@ -507,5 +515,6 @@ function owned(claim: Claim) {
     eq(idempotencyKeys.key, claim.key),
     eq(idempotencyKeys.state, "IN_PROGRESS"),
     eq(idempotencyKeys.lockedUntil, claim.lockedUntil),
+    claim.owner ? eq(idempotencyKeys.owner, claim.owner) : isNull(idempotencyKeys.owner),
   );
 }

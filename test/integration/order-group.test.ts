@@ -408,6 +408,67 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
   });
 
+  it("a duplicate reading the same millisecond shares the first run's lock time, not its claim: its failed group cannot release it", async () => {
+    // Every request reads the same instant, so both runs' claims carry the same locked_until.
+    const app = createApp({ clock: fixedClock(new Date()) });
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    const [b] = await buyers(1, 500);
+    const send = () =>
+      call("POST", "/api/orders", { app, token: b!.token, headers: { "Idempotency-Key": "same-instant" }, body: { items: [{ productId: product.id, quantity: 1 }] } });
+    // The first run is refused on its balance in its group; its Worker's store of that refusal is held.
+    const storing = gate();
+    let storeHeld = false;
+    let groupReads = 0;
+    const restorePrepare = inject(env.DB, "prepare", (prepare) =>
+      ((sql: string) => {
+        const statement = prepare(sql);
+        if (!sql.includes("SET state = 'DONE', response_status = ?, response_body = ?")) return statement;
+        return {
+          bind: (...values: unknown[]) => {
+            const bound = statement.bind(...values);
+            return {
+              run: async () => {
+                storeHeld = true;
+                await storing.opened;
+                return bound.run();
+              },
+            };
+          },
+        };
+      }) as typeof prepare,
+    );
+    // The duplicate's group read then fails before committing: its hand-back is released by the Worker.
+    const restoreBatch = inject(env.DB, "batch", (batch) =>
+      (async (statements: D1PreparedStatement[]) => {
+        if (claimsAndReads(statements) && ++groupReads === 2) throw d1Down();
+        return batch(statements);
+      }) as typeof batch,
+    );
+    let first, duplicate;
+    try {
+      const firstRun = send();
+      await expect.poll(() => storeHeld, { interval: 5 }).toBe(true);
+      duplicate = await send();
+      storing.open();
+      first = await firstRun;
+    } finally {
+      storing.open();
+      restorePrepare();
+      restoreBatch();
+    }
+    expect(groupReads).toBe(2);
+    expectProblem(duplicate, 503, "SERVICE_UNAVAILABLE");
+    expectProblem(first, 400, "INSUFFICIENT_BALANCE");
+    // The first run's refusal is its key's answer: its claim was not released under it by the duplicate.
+    expect(await one("SELECT state, response_status FROM idempotency_keys WHERE scope = ? AND key = 'same-instant'", `user:${b!.id}`)).toEqual({
+      state: "DONE",
+      response_status: 400,
+    });
+    const replay = await send();
+    expect(replay.text).toBe(first.text);
+    expect(replay.headers.get("Idempotent-Replayed")).toBe("true");
+  });
+
   for (const { when, stock, through } of [
     { when: "while stock remains", stock: 5, through: "the row its object's group read" },
     { when: "once the product sold out", stock: 1, through: "the row read with its early refusal" },
