@@ -1,4 +1,4 @@
-import { and, eq, isNull, lte } from "drizzle-orm";
+import { and, eq, lte } from "drizzle-orm";
 import type { Context } from "hono";
 import { createMiddleware } from "hono/factory";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
@@ -211,9 +211,9 @@ export function completeClaim(db: D1Database, claim: Claim, bodySql: string, ...
   return db
     .prepare(
       `UPDATE idempotency_keys SET state = 'DONE', response_status = 200, response_body = (${bodySql})
-       WHERE scope = ? AND key = ? AND state = 'IN_PROGRESS' AND locked_until = ? AND owner IS ? AND (${bodySql}) IS NOT NULL`,
+       WHERE scope = ? AND key = ? AND state = 'IN_PROGRESS' AND locked_until = ? AND ${OWNED_BY} AND (${bodySql}) IS NOT NULL`,
     )
-    .bind(...bodyParams, claim.scope, claim.key, claim.lockedUntil, claim.owner ?? null, ...bodyParams);
+    .bind(...bodyParams, claim.scope, claim.key, claim.lockedUntil, claim.owner ?? null, claim.owner ?? null, ...bodyParams);
 }
 
 interface ClaimRequest {
@@ -224,10 +224,14 @@ interface ClaimRequest {
   lockedUntil: string;
   /**
    * Random per request: two requests that read the same millisecond share `lockedUntil`, never this. Absent
-   * only on a claim made before owners were recorded (matched by its lock alone, as it was made).
+   * only on a claim made by code from before owners (an older Worker or object during a deploy): matched by
+   * its lock alone, as that code matches it (`OWNED_BY`).
    */
   owner?: string | null;
 }
+
+/** The owner condition of a claim's statements, bound twice to the claim's owner (or null: the lock alone). */
+const OWNED_BY = "(? IS NULL OR owner = ?)";
 
 export interface Claim extends ClaimRequest {
   /**
@@ -356,7 +360,7 @@ export async function claimsMade(toMake: ClaimToMake[], rows: Record<string, unk
   const id = (r: { scope: unknown; key: unknown; requestHash: unknown; lockedUntil: unknown; owner?: unknown }) =>
     JSON.stringify([r.scope, r.key, r.requestHash, r.lockedUntil, r.owner ?? null]);
   const claimed = new Set(rows.map((r) => id(r as Parameters<typeof id>[0])));
-  // Deleted as matched (before any await): identical twins of one key get one claim between them.
+  // Deleted as matched (before any await): one claim per row, even for twins made before owners (no owner).
   return Promise.all(toMake.map((t) => (claimed.delete(id(t)) ? claimOf(t) : null)));
 }
 
@@ -374,7 +378,7 @@ export function effectRefOf(scope: string, key: string, createdAt: string): Prom
 /** Key rows, their columns named as KeyRow names them. */
 const KEY_ROW_SQL = `SELECT scope, key, request_hash AS requestHash, state, response_status AS responseStatus,
     response_body AS responseBody, locked_until AS lockedUntil, created_at AS createdAt, expires_at AS expiresAt,
-    earlier_runs AS earlierRuns
+    earlier_runs AS earlierRuns, owner
   FROM idempotency_keys`;
 
 /** The key's row. */
@@ -487,9 +491,9 @@ async function finishClaimed(c: Context<AppEnv>, db: Db, claim: Claim, response:
   const body = await response.text();
   await c.env.DB.prepare(
     `UPDATE idempotency_keys SET state = 'DONE', response_status = ?, response_body = ?
-     WHERE scope = ? AND key = ? AND state = 'IN_PROGRESS' AND locked_until = ? AND owner IS ?`,
+     WHERE scope = ? AND key = ? AND state = 'IN_PROGRESS' AND locked_until = ? AND ${OWNED_BY}`,
   )
-    .bind(response.status, body, claim.scope, claim.key, claim.lockedUntil, claim.owner ?? null)
+    .bind(response.status, body, claim.scope, claim.key, claim.lockedUntil, claim.owner ?? null, claim.owner ?? null)
     .run();
   return new Response(body, { status: response.status, headers: response.headers });
 }
@@ -515,6 +519,7 @@ function owned(claim: Claim) {
     eq(idempotencyKeys.key, claim.key),
     eq(idempotencyKeys.state, "IN_PROGRESS"),
     eq(idempotencyKeys.lockedUntil, claim.lockedUntil),
-    claim.owner ? eq(idempotencyKeys.owner, claim.owner) : isNull(idempotencyKeys.owner),
+    // A claim made by code from before owners is matched by its lock alone, as that code matches it.
+    claim.owner ? eq(idempotencyKeys.owner, claim.owner) : undefined,
   );
 }

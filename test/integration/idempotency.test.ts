@@ -236,6 +236,27 @@ describe("concurrency and failure", () => {
     expect(await ledgerCount(user.id)).toBe(1);
   });
 
+  it("during a deploy, a claim from code before owners completes its row by its lock alone, and one with an owner only its own", async () => {
+    const user = await makeUser();
+    const body = { amount: 300 };
+    const scope = `user:${user.id}`;
+    const requestHash = await chargeHash(body);
+    // An older Worker took over a row a newer one had claimed: the lock is the older Worker's, the owner is not.
+    const olderKey = newKey();
+    await seedKey({ scope, key: olderKey, hash: requestHash, lockedUntil: FAR_AHEAD });
+    await env.DB.prepare("UPDATE idempotency_keys SET owner = 'the-newer-worker' WHERE scope = ? AND key = ?").bind(scope, olderKey).run();
+    const olderClaim = { scope, key: olderKey, requestHash, lockedUntil: FAR_AHEAD, effectRef: await effectRefOf(scope, olderKey, LONG_AGO) };
+    await chargeBalance(env.DB, systemClock, user.id, 300, olderClaim);
+    expect(await keyRow(scope, olderKey)).toMatchObject({ state: "DONE", response_status: 200 });
+    // A claim with an owner completes nothing held by another owner, even at the same lock time.
+    const otherKey = newKey();
+    await seedKey({ scope, key: otherKey, hash: requestHash, lockedUntil: FAR_AHEAD });
+    await env.DB.prepare("UPDATE idempotency_keys SET owner = 'the-holder' WHERE scope = ? AND key = ?").bind(scope, otherKey).run();
+    const stranger = { scope, key: otherKey, requestHash, lockedUntil: FAR_AHEAD, owner: "a-stranger", effectRef: await effectRefOf(scope, otherKey, LONG_AGO) };
+    await chargeBalance(env.DB, systemClock, user.id, 300, stranger);
+    expect(await keyRow(scope, otherKey)).toMatchObject({ state: "IN_PROGRESS", response_status: null });
+  });
+
   it("a slow first run that commits after a retry took over charges once", async () => {
     const user = await makeUser();
     const key = newKey();
