@@ -138,8 +138,7 @@ export class OrderGroup {
         // Its claim may have been committed all the same (a lost reply): handed back, the Worker releases
         // it by its owner token (a no-op if it never landed), so the retry is not kept waiting for the lock.
         const claim = w.order.claimToMake ? await claimOf(w.order.claimToMake) : undefined;
-        const answer = w.answer;
-        this.refuse({ ...w, answer: (outcome) => answer({ ...outcome, claim }) }, unavailable);
+        this.refuse({ ...w, answer: handingBack(w.answer, claim) }, unavailable);
       }
       return;
     }
@@ -155,8 +154,7 @@ export class OrderGroup {
         }
         // From here on it is a claimed order, as if the Worker had claimed it: same order key, same answers.
         w.order = { ...w.order, orderKey: `idem:${claim.effectRef}`, claim, claimToMake: null };
-        const answer = w.answer;
-        w.answer = (outcome) => answer({ ...outcome, claim });
+        w.answer = handingBack(w.answer, claim);
         let stock: ReserveResult;
         try {
           stock = await this.hooks.reserve(w.order);
@@ -258,6 +256,11 @@ export class OrderGroup {
       outcomeUnknown: true,
     });
   }
+}
+
+/** An answer that hands `claim` (made by the group) back to the Worker with every outcome, to finish it. */
+function handingBack(answer: Waiting["answer"], claim: Claim | undefined): Waiting["answer"] {
+  return (outcome) => answer({ ...outcome, claim });
 }
 
 /**
