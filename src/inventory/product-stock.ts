@@ -253,13 +253,13 @@ export class ProductStock extends DurableObject<Env> {
       }
       return { ok: true, product: row };
     } catch (error) {
-      const reread = this.loads !== loads;
-      if (!reread) {
-        if (delta < 0) this.stock -= delta;
-        this.maxPerUser = previousLimit;
-      }
+      // Refused by D1's stock CHECK, or an outcome unknown (a reply lost after D1 committed): either way this
+      // object's numbers may no longer be D1's (undoing the change here would keep a lost +5 unsellable and a
+      // lost -5 on offer), so it takes D1's again. If even that read fails, it reloads before its next decision.
       const refused = error instanceof Error && error.message.includes("products_stock_non_negative");
-      if (reread || refused) await this.resync(productId);
+      await this.resync(productId).catch((reload: unknown) =>
+        log("warn", "stock object re-sync after a failed change failed; it reloads on its next call", { productId, ...describeError(reload) }),
+      );
       if (refused) return { ok: false, reason: "OUT_OF_STOCK" };
       throw error;
     }

@@ -32,12 +32,12 @@ function stockObject(env: Env, productId: number) {
   return env.PRODUCT_STOCK.get(env.PRODUCT_STOCK.idFromName(String(productId)));
 }
 
-async function callObject<T>(productId: number, call: () => Promise<T>): Promise<T> {
+async function callObject<T>(productId: number, call: () => Promise<T>, detail = "Stock could not be checked right now; retry shortly"): Promise<T> {
   try {
     return await call();
   } catch (error) {
     log("error", "stock object call failed", { productId, ...describeError(error) });
-    throw new AppError("SERVICE_UNAVAILABLE", "Stock could not be checked right now; retry shortly");
+    throw new AppError("SERVICE_UNAVAILABLE", detail);
   }
 }
 
@@ -195,8 +195,15 @@ export async function resyncStock(env: Env, lines: StockLine[]): Promise<void> {
   await Promise.allSettled(lines.map((l) => stockObject(env, l.productId).resync(l.productId, currentRequestId())));
 }
 
-/** Admin stock changes go through the product's object, which also writes D1. */
+/**
+ * Admin stock changes go through the product's object, which also writes D1. A change is not idempotent, and
+ * one that fails may have reached D1 with its reply lost: the 503 says to read the product before retrying.
+ */
 export async function adjustStock(env: Env, productId: number, patch: StockPatch): Promise<AdjustResult> {
   forgetSoldOut([{ productId, quantity: 0 }]);
-  return callObject(productId, async (): Promise<AdjustResult> => stockObject(env, productId).adjust(productId, patch));
+  return callObject(
+    productId,
+    async (): Promise<AdjustResult> => stockObject(env, productId).adjust(productId, patch),
+    "The change may or may not have been applied; read the product before retrying it",
+  );
 }

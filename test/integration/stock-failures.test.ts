@@ -1,7 +1,7 @@
 import { evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { env, exports } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
-import { call, expectProblem, tokenFor } from "../helpers/api";
+import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { all, fund, one, walletInvariant } from "../helpers/db";
 import { makeCoupon, makeProduct, makeUser } from "../helpers/factories";
 import { d1Down, gate, inject } from "../helpers/faults";
@@ -181,6 +181,51 @@ describe("the object never drifts from D1", () => {
     expect(results.filter((r) => r.body?.code === "OUT_OF_STOCK")).toHaveLength(2);
     expect(await soldUnits(product.id)).toEqual({ stock: 0, units: 1 });
     await expect.poll(() => stub.snapshot(product.id)).toEqual({ stock: 0, reserved: 0, available: 0 });
+  });
+});
+
+describe("an admin stock change whose D1 reply is lost", () => {
+  // D1 commits the change, then the reply is lost: the object cannot tell, so it takes D1's numbers again
+  // rather than undo the change in its own (which kept a lost +3 unsellable and a lost -2 on offer).
+  it.each([
+    { delta: 3, after: 8 },
+    { delta: -2, after: 3 },
+  ])("stockDelta $delta: 503 saying it may have been applied, and the object agrees with D1 after", async ({ delta, after }) => {
+    const product = await makeProduct({ price: 100, stock: 5 });
+    const stub = stockObject(product.id);
+    await stub.snapshot(product.id);
+    const restore = inject(env.DB, "prepare", (prepare) =>
+      ((sql: string) => {
+        const statement = prepare(sql);
+        if (!sql.includes("UPDATE products SET stock = stock + ?1")) return statement;
+        return {
+          bind: (...values: unknown[]) => {
+            const bound = statement.bind(...values);
+            return {
+              first: async () => {
+                await bound.first();
+                throw d1Down();
+              },
+            };
+          },
+        };
+      }) as typeof prepare,
+    );
+    let res;
+    try {
+      res = await call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: delta } });
+    } finally {
+      restore();
+    }
+    expectProblem(res, 503, "SERVICE_UNAVAILABLE");
+    expect(res.headers.get("Retry-After")).toBe("1");
+    expect(res.body.detail).toMatch(/may or may not have been applied/);
+
+    expect(await soldUnits(product.id)).toEqual({ stock: after, units: 0 });
+    expect(await stub.snapshot(product.id)).toEqual({ stock: after, reserved: 0, available: after });
+    const sold = await sellOneEach(product.id, after + 1);
+    expect(sold.filter((r) => r.status === 200)).toHaveLength(after);
+    expect(await soldUnits(product.id)).toEqual({ stock: 0, units: after });
   });
 });
 
