@@ -30,7 +30,9 @@ import type { ReserveResult } from "./product-stock";
 // Worker answers from the key (replay, 409, 422, a takeover).
 //
 // On each failure:
-// - An order refused by its checks (coupon, balance) fails alone before the write; its units go back.
+// - An order refused by its checks (coupon, balance) fails alone before the write; its units go back. One
+//   refused only because an earlier order of its group spends the same balance or coupon waits for that
+//   write and is priced again at the head of the next group (it keeps its units meanwhile).
 // - The write batch refused by a constraint (a balance spent, a coupon used meanwhile): the batch is one
 //   transaction, so the group is written again one order per batch, and only the order a constraint
 //   refuses fails (its units go back; a stock CHECK also re-syncs the object).
@@ -143,6 +145,7 @@ export class OrderGroup {
       return;
     }
     const priced: Priced[] = [];
+    const deferred: Waiting[] = [];
     for (const [i, w] of group.entries()) {
       if (w.order.claimToMake) {
         const claim = inputs.claims[i];
@@ -177,10 +180,14 @@ export class OrderGroup {
       try {
         priced.push({ ...w, row: inputs.price(w.order) });
       } catch (error) {
-        this.refuse(w, error);
+        if (error instanceof PricedInNextGroup) deferred.push(w);
+        else this.refuse(w, error);
       }
     }
     if (priced.length > 0) await this.write(priced);
+    // At the head of the next group, each is priced against D1 as the orders it waited for left it: one is
+    // never deferred twice behind the same order, and never refused for a spend that did not happen.
+    this.waiting.unshift(...deferred);
   }
 
   private async write(group: Priced[]): Promise<void> {
@@ -285,13 +292,22 @@ function oncePerKey(waiting: Waiting[]): Waiting[] {
   return [...first.values()];
 }
 
+/**
+ * An order refused only for what earlier orders of its group are about to spend (the user's balance, their
+ * coupon): their write may yet fail, so it is priced again in the next group instead of refused.
+ */
+class PricedInNextGroup extends Error {}
+
 interface GroupInputs {
   placed: Map<string, string>;
   /** The rows the group's keys to claim already had, by `keyId`. */
   keysInUse: Map<string, KeyRow>;
   /** The claim made for each order of the group (by position), for those with `claimToMake`. */
   claims: (Claim | null)[];
-  /** Prices one order against the group's snapshot, counting what earlier orders of the group spent. */
+  /**
+   * Prices one order against the group's snapshot, counting what earlier orders of the group spent; throws
+   * PricedInNextGroup for an order refused only for that spend.
+   */
   price(order: SingleProductOrder): OrderToWrite;
 }
 
@@ -316,7 +332,8 @@ async function readGroupInputs(db: D1Database, productId: number, orders: Single
   const inUseRows = claiming.length > 0 ? results[0]!.results : [];
   const claimRows = claiming.length > 0 ? results[1]!.results : [];
   const products = new Map((productRows!.results as unknown as ProductPrice[]).map((p) => [p.id, p]));
-  const balances = new Map(userRows!.results.map((u) => [u.id as number, u.balance as number]));
+  const snapshotBalances = new Map(userRows!.results.map((u) => [u.id as number, u.balance as number]));
+  const balances = new Map(snapshotBalances);
   const coupons = new Map((couponRows!.results as unknown as CouponForOrder[]).map((c) => [c.id, c]));
   const placed = new Map(placedRows!.results.map((r) => [r.order_key as string, r.body as string]));
   const made = await claimsMade(toMake, claimRows);
@@ -333,9 +350,17 @@ async function readGroupInputs(db: D1Database, productId: number, orders: Single
       if (order.userCouponId !== null) {
         coupon = coupons.get(order.userCouponId) ?? null;
         if (!coupon) throw new AppError("COUPON_NOT_USABLE", `User coupon ${order.userCouponId} does not exist`);
-        if (usedCoupons.has(coupon.id)) throw new AppError("COUPON_NOT_USABLE", "The coupon was used by another order");
+        // Taken by an earlier order of this group, whose write may yet fail (another user's is refused as missing).
+        if (usedCoupons.has(coupon.id) && coupon.user_id === order.userId) throw new PricedInNextGroup();
       }
-      const row = { ...priceOrder(order.userId, [{ productId, quantity: order.quantity }], products, coupon, balance, new Date(order.now)), requestId: order.requestId };
+      let row: OrderToWrite;
+      try {
+        row = { ...priceOrder(order.userId, [{ productId, quantity: order.quantity }], products, coupon, balance, new Date(order.now)), requestId: order.requestId };
+      } catch (error) {
+        // Short only of what earlier orders of this group are about to spend: they may yet fail.
+        const spentInGroup = balance !== snapshotBalances.get(order.userId);
+        throw spentInGroup && error instanceof AppError && error.code === "INSUFFICIENT_BALANCE" ? new PricedInNextGroup() : error;
+      }
       balances.set(order.userId, balance - row.paidAmount);
       if (coupon) usedCoupons.add(coupon.id);
       return row;

@@ -1,7 +1,7 @@
 import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
-import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
+import { adminToken, call, expectProblem, tokenFor, type ApiResponse } from "../helpers/api";
 import { all, fund, grantCoupon, one, walletInvariant } from "../helpers/db";
 import { makeProduct, makeUser } from "../helpers/factories";
 import { d1Down, gate, inject } from "../helpers/faults";
@@ -130,6 +130,94 @@ describe("group commit of one product's orders", () => {
     expect(results.find((r) => r.status === 400)!.body.code).toBe("COUPON_NOT_USABLE");
     expect(await all("SELECT id FROM orders WHERE user_coupon_id = ?", couponId)).toHaveLength(1);
     await expect.poll(() => stockObject(product.id).snapshot(product.id)).toEqual({ stock: 19, reserved: 0, available: 19 });
+  });
+
+  /**
+   * A filler's group write is held while `orders` arrive one after another (each reserved before the next is
+   * sent), so they form the next group in that order; `afterHeld` runs that group's write (to fail it, say).
+   */
+  async function inNextGroup(productId: number, orders: (() => Promise<ApiResponse>)[], afterHeld: (batch: D1Database["batch"]) => D1Database["batch"]) {
+    const stub = stockObject(productId);
+    const before = (await stub.snapshot(productId))!.reserved;
+    const [filler] = await buyers(1);
+    const held = gate();
+    let writes = 0;
+    const restore = inject(env.DB, "batch", (batch) => {
+      const next = afterHeld(batch);
+      return (async (statements: D1PreparedStatement[]) => {
+        if (!writesOrders(statements)) return batch(statements);
+        writes += 1;
+        if (writes === 1) {
+          await held.opened;
+          return batch(statements);
+        }
+        return writes === 2 ? next(statements) : batch(statements);
+      }) as typeof batch;
+    });
+    try {
+      const first = orderOne(filler!.token, productId);
+      await expect.poll(() => writes, { interval: 5 }).toBe(1);
+      const answers: Promise<ApiResponse>[] = [];
+      for (const [i, send] of orders.entries()) {
+        answers.push(send());
+        await expect.poll(async () => (await stub.snapshot(productId))!.reserved, { interval: 5 }).toBe(before + 2 + i);
+      }
+      held.open();
+      expect((await first).status).toBe(200);
+      return await Promise.all(answers);
+    } finally {
+      restore();
+      held.open();
+    }
+  }
+
+  it("an order refused only for a coupon an earlier order of its group takes is priced again when that write fails", async () => {
+    const product = await makeProduct({ price: 5_000, stock: 20 });
+    const user = await makeUser();
+    await fund(user.id, 100_000);
+    const token = await tokenFor(user.id);
+    const couponId = await grantCoupon(user.id, { discountValue: 1_000 });
+    const withCoupon = () => orderOne(token, product.id, { userCouponId: couponId });
+    // The group's write (the first order alone: the second waits for it) fails without landing.
+    const [first, second] = await inNextGroup(product.id, [withCoupon, withCoupon], () => async () => {
+      throw d1Down();
+    });
+    expectProblem(first!, 503, "SERVICE_UNAVAILABLE");
+    // Before: 400 COUPON_NOT_USABLE "used by another order", for a coupon that stayed AVAILABLE.
+    expect(second!.status).toBe(200);
+    expect(second!.body).toMatchObject({ userCouponId: couponId, discountAmount: 1_000, paidAmount: 4_000 });
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", user.id)).toEqual([{ id: second!.body.id }]);
+    expect(await one("SELECT status, order_id FROM user_coupons WHERE id = ?", couponId)).toEqual({ status: "USED", order_id: second!.body.id });
+    expect(await walletInvariant(user.id)).toEqual({ balance: 96_000, ledger: 96_000, newest: 96_000 });
+  });
+
+  it("an order short only of what an earlier order of its group spends is priced again when that write fails", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 20 });
+    const user = await makeUser();
+    await fund(user.id, 1_500);
+    const token = await tokenFor(user.id);
+    const [first, second] = await inNextGroup(product.id, [() => orderOne(token, product.id), () => orderOne(token, product.id)], () => async () => {
+      throw d1Down();
+    });
+    expectProblem(first!, 503, "SERVICE_UNAVAILABLE");
+    // Before: 400 INSUFFICIENT_BALANCE, with the whole 1,500 still in the wallet.
+    expect(second!.status).toBe(200);
+    expect(await walletInvariant(user.id)).toEqual({ balance: 500, ledger: 500, newest: 500 });
+  });
+
+  it("another user's coupon, taken by its owner's order earlier in the group, is refused as missing", async () => {
+    const product = await makeProduct({ price: 5_000, stock: 20 });
+    const [owner, other] = await buyers(2);
+    const couponId = await grantCoupon(owner!.id, { discountValue: 1_000 });
+    const [mine, theirs] = await inNextGroup(
+      product.id,
+      [() => orderOne(owner!.token, product.id, { userCouponId: couponId }), () => orderOne(other!.token, product.id, { userCouponId: couponId })],
+      (batch) => batch,
+    );
+    expect(mine!.status).toBe(200);
+    expectProblem(theirs!, 400, "COUPON_NOT_USABLE");
+    // Before: "The coupon was used by another order", which told them it exists and was just used.
+    expect(theirs!.body.detail).toBe(`User coupon ${couponId} does not exist`);
   });
 
   it("a keyed order retried after it committed replays it, even when the retry's reservation races the commit", async () => {
