@@ -73,6 +73,19 @@ const SETTLED_KEPT_MS = 2 * DAY_MS;
 const ALARM_RETRY_FIRST_MS = 1_000;
 const ALARM_RETRY_MAX_MS = 60_000;
 
+/**
+ * An order whose units could not be asked for (D1 unreadable on a load, the alarm refused by storage): nothing
+ * was taken (a failed load takes nothing, a hold without its alarm is dropped) and nothing written, so it is a
+ * plain 503, not an unknown outcome: the Worker releases its claim, and a retry runs at once.
+ */
+function couldNotReserve(productId: number, order: SingleProductOrder, error: unknown): { stock: ReserveResult; outcome: GroupOutcome } {
+  withRequestId(order.requestId, () => log("error", "stock object could not reserve", { productId, ...describeError(error) }));
+  return {
+    stock: { ok: true, available: 0 },
+    outcome: { ok: false, code: "SERVICE_UNAVAILABLE", detail: "The order could not be placed right now; retry shortly" },
+  };
+}
+
 export class ProductStock extends DurableObject<Env> {
   private readonly sql: SqlStorage;
   private productId: number | null = null;
@@ -139,9 +152,12 @@ export class ProductStock extends DurableObject<Env> {
     // An unkeyed order's key is a fresh UUID, and a claim that began its key's life now has a fresh effect:
     // neither can have an entry here yet, so the lookup of one is skipped (a takeover's key is looked up).
     const newKey = order.claim === null || order.claim.fresh === true;
-    const stock = await withRequestId(order.requestId, () =>
-      this.take(productId, order.orderKey, order.quantity, order.userId, newKey),
-    );
+    let stock: ReserveResult;
+    try {
+      stock = await withRequestId(order.requestId, () => this.take(productId, order.orderKey, order.quantity, order.userId, newKey));
+    } catch (error) {
+      return couldNotReserve(productId, order, error);
+    }
     if (!stock.ok) return { stock };
     return { stock, outcome: await this.orderGroup(productId).submit(order) };
   }
@@ -156,7 +172,12 @@ export class ProductStock extends DurableObject<Env> {
     // the key has no row): units are only ever held by orders whose claims are committed, so a refusal
     // caused by a run of the same key finds that run's claim and goes the usual way (409, or a takeover once
     // that run failed: a failed run's claim is released, never deleted, so the refusal is not stored).
-    const now = await withRequestId(order.requestId, () => this.check(productId, order.quantity, order.userId));
+    let now: ReserveResult;
+    try {
+      now = await withRequestId(order.requestId, () => this.check(productId, order.quantity, order.userId));
+    } catch (error) {
+      return couldNotReserve(productId, order, error);
+    }
     if (!now.ok) return { stock: now };
     const outcome = await this.orderGroup(productId).submit(order);
     return { stock: (!outcome.ok && outcome.stock) || { ok: true, available: this.available() }, outcome };

@@ -624,6 +624,46 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     expect(await stockObject(product.id).snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
   });
 
+  it("a retry whose reservation fails cleanly in the object (its alarm refused) is a plain 503: the next retry runs at once", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    const stub = stockObject(product.id);
+    await stub.snapshot(product.id);
+    const [b] = await buyers(1);
+    // The first run's claim-and-read batch commits, but its reply is lost: 503, its claim released. The retry
+    // then takes the key over in the Worker and asks the object to reserve under that claim.
+    let struck = false;
+    const restore = inject(env.DB, "batch", (batch) =>
+      (async (statements: D1PreparedStatement[]) => {
+        if (!struck && claimsAndReads(statements)) {
+          struck = true;
+          await batch(statements);
+          throw d1Down();
+        }
+        return batch(statements);
+      }) as typeof batch,
+    );
+    try {
+      expectProblem(await keyedOrder(b!.token, product.id, "alarm-refused"), 503, "SERVICE_UNAVAILABLE");
+    } finally {
+      restore();
+    }
+    await runInDurableObject(stub, (_instance, state) => {
+      inject(state.storage, "setAlarm", () => () => Promise.reject(new Error("storage refused the alarm (injected)")));
+    });
+    const refused = await keyedOrder(b!.token, product.id, "alarm-refused");
+    await runInDurableObject(stub, (_instance, state) => {
+      delete (state.storage as unknown as Record<string, unknown>).setAlarm;
+    });
+    expectProblem(refused, 503, "SERVICE_UNAVAILABLE");
+    expect(refused.body.detail).toBe("The order could not be placed right now; retry shortly");
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
+    // Before: the object's error read as an unknown outcome, the claim was kept, and this was 409 for 60 s.
+    const placed = await keyedOrder(b!.token, product.id, "alarm-refused");
+    expect(placed.status).toBe(200);
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", b!.id)).toHaveLength(1);
+    await expect.poll(() => stub.snapshot(product.id)).toEqual({ stock: 4, reserved: 0, available: 4 });
+  });
+
   it("a keyed retry is not refused by the sold-out mark its own failed run's hold caused, even within the same millisecond", async () => {
     // Every request reads the same instant, as concurrent requests of one isolate can on Workers.
     const app = createApp({ clock: fixedClock(new Date()) });
