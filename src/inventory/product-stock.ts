@@ -352,11 +352,12 @@ export class ProductStock extends DurableObject<Env> {
   }
 
   private async settleExpired(): Promise<void> {
-    const expired = this.sql
-      .exec<{ order_key: string }>("SELECT order_key FROM reservations WHERE expires_at <= ?", Date.now())
-      .toArray();
+    const now = Date.now();
+    const expired = this.sql.exec<{ order_key: string }>("SELECT order_key FROM reservations WHERE expires_at <= ?", now).toArray();
     for (const { order_key } of expired) {
       const committed = await isCommitted(this.env.DB, order_key);
+      // Adopted while D1 was asked (a later run of the same order pushed its expiry back): that run ends it.
+      if (this.sql.exec("SELECT 1 FROM reservations WHERE order_key = ? AND expires_at > ?", order_key, now).toArray().length > 0) continue;
       this.settle(order_key, committed);
       log("warn", "stale stock reservation settled", { productId: this.productId, orderKey: order_key, committed });
     }

@@ -396,6 +396,49 @@ describe("a later run of the same request adopts the entry an earlier run left o
     expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 1, available: 4 });
   });
 
+  it("an entry adopted while the alarm asks D1 about it stays held: the alarm leaves it to the run that adopted it", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    const user = await makeUser();
+    const stub = stockObject(product.id);
+    expect(await stub.reserve(product.id, "idem:adopted-mid-alarm", 1, user.id)).toMatchObject({ ok: true });
+    await expireReservations(product.id);
+    // The alarm's question to D1 (was this order committed?) stalls; meanwhile the retry adopts the entry.
+    let asked = false;
+    const answer = gate();
+    const restore = inject(env.DB, "prepare", (prepare) =>
+      ((sql: string) => {
+        const statement = prepare(sql);
+        if (!sql.startsWith("SELECT 1 AS hit FROM orders WHERE order_key = ?")) return statement;
+        return {
+          bind: (...values: unknown[]) => {
+            const bound = statement.bind(...values);
+            return {
+              first: async () => {
+                asked = true;
+                await answer.opened;
+                return bound.first();
+              },
+            };
+          },
+        };
+      }) as typeof prepare,
+    );
+    try {
+      const alarm = runDurableObjectAlarm(stub);
+      // Polled, not awaited on a promise the object resolves: the test would then carry on in the object's context.
+      await expect.poll(() => asked, { interval: 5 }).toBe(true);
+      expect(await stub.reserve(product.id, "idem:adopted-mid-alarm", 1, user.id)).toMatchObject({ ok: true });
+      answer.open();
+      expect(await alarm).toBe(true);
+    } finally {
+      restore();
+      answer.open();
+    }
+    // Before: the alarm gave it up as never committed, and the retry's unit was back on offer mid-write.
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 1, available: 4 });
+    expect(await expiryOf(product.id, "idem:adopted-mid-alarm")).toBeGreaterThan(Date.now() + 60_000);
+  });
+
   it("a retried cancellation's announced restock is held the same way", async () => {
     const product = await makeProduct({ price: 1_000, stock: 5 });
     const user = await makeUser();
