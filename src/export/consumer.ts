@@ -259,8 +259,14 @@ async function post(delivery: Delivery, deps: ExportDeps, idempotencyKey: string
       headers: { "Content-Type": "application/json", "Idempotency-Key": idempotencyKey, ...signature },
       body: payload,
       signal: AbortSignal.timeout(DELIVERY_TIMEOUT_MS),
+      // Followed, a 301/302/303 turns the POST into a GET without its body, and the landing page's 2xx would
+      // mark an export SENT that never arrived: a redirect is a failed attempt, its target named in the error.
+      redirect: "manual",
     });
     if (response.ok) return null;
+    if (response.status >= 300 && response.status < 400) {
+      return `HTTP ${response.status} redirect to ${response.headers.get("Location") ?? "(no Location)"}: not followed; set DATA_PLATFORM_URL to the final address`;
+    }
     const text = (await response.text().catch(() => "")).slice(0, 200);
     return `HTTP ${response.status}${text ? `: ${text}` : ""}`;
   } catch (error) {

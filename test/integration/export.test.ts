@@ -37,6 +37,30 @@ describe("export consumer", () => {
     expect(posted.map((p) => p.key)).toEqual(Array(3).fill(`order-${event.orderId}`));
   });
 
+  it("a redirect is a failed attempt, never followed: a followed POST would arrive as a GET without its body", async () => {
+    const { exportId: _, ...event } = await seededOrder();
+    const { deps } = platform(200);
+    const methods: string[] = [];
+    // A platform that moved: 301 to its new address, whose landing page answers any GET with 200. Emulates
+    // fetch's default (follow: the POST becomes a bodiless GET) unless the caller asks for the redirect itself.
+    deps.send = (async (_input: RequestInfo | URL, init?: RequestInit) => {
+      methods.push(init?.method ?? "GET");
+      if (init?.redirect === "manual") return new Response(null, { status: 301, headers: { Location: "https://platform.test/v2/orders" } });
+      methods.push("GET");
+      return new Response("<html>welcome</html>", { status: 200 });
+    }) as typeof fetch;
+
+    const result = await deliver(event, deps);
+    // Before: the landing page's 200 marked the export SENT, and the platform never had the order.
+    expect(methods).toEqual(["POST"]);
+    expect(result.retryMessages).toHaveLength(1);
+    expect(await exportRow(event.orderId)).toMatchObject({
+      status: "PENDING",
+      attempts: 1,
+      last_error: "HTTP 301 redirect to https://platform.test/v2/orders: not followed; set DATA_PLATFORM_URL to the final address",
+    });
+  });
+
   it("does not POST again an order already SENT (redelivery)", async () => {
     const { exportId: _, ...event } = await seededOrder();
     const { posted, deps } = platform(200);
