@@ -11,6 +11,14 @@ export function isConstraintViolation(error: unknown, fragment: string): boolean
 }
 
 /**
+ * A second row for an order key breaks every UNIQUE index of `orders` the first row's values hit, and SQLite
+ * names only the first index it checks (the newest: the coupon's, for an order with one). So a duplicate is
+ * told by any UNIQUE failure on `orders`, and the order key is then looked up to tell it from a coupon used
+ * by another order.
+ */
+export const DUPLICATE_ORDER = "UNIQUE constraint failed: orders.";
+
+/**
  * The messages of D1's own transient failures: the database unreachable, overloaded or reset. Every D1
  * error starts with D1_ERROR, SQL mistakes of ours included, so the prefix alone says nothing.
  */

@@ -1,4 +1,4 @@
-import { isConstraintViolation } from "../db/errors";
+import { DUPLICATE_ORDER, isConstraintViolation } from "../db/errors";
 import { AppError, type ErrorCode } from "../lib/errors";
 import { claimNewKeys, claimOf, claimsMade, keyId, keyRowsOf, keysInUse, mayShare, type Claim, type ClaimToMake, type KeyRow } from "../lib/idempotency";
 import { describeError, log } from "../lib/log";
@@ -222,8 +222,9 @@ export class OrderGroup {
 
   /** One order's own batch failed. */
   private writeFailed(p: Priced, error: unknown): void {
-    if (isConstraintViolation(error, "orders.order_key")) {
-      // Another run of this keyed request committed first: the next group's read finds it and answers.
+    if (p.order.claim !== null && isConstraintViolation(error, DUPLICATE_ORDER)) {
+      // Another run of this keyed request committed first (or its coupon went to another order): the next
+      // group's read finds the order and replays it, or refuses the coupon.
       void this.submit(p.order).then(p.answer);
       return;
     }

@@ -1,4 +1,4 @@
-import { isConstraintViolation } from "../db/errors";
+import { DUPLICATE_ORDER, isConstraintViolation } from "../db/errors";
 import { AppError, OutcomeUnknownError } from "../lib/errors";
 import type { Clock } from "../lib/clock";
 import type { PlaceOrder } from "./schemas";
@@ -136,7 +136,7 @@ async function settleFailedWrite(env: Env, orderKey: string, lines: StockLine[],
     throw error;
   }
   const cause = error.cause;
-  if (isConstraintViolation(cause, "orders.order_key")) {
+  if (isConstraintViolation(cause, DUPLICATE_ORDER)) {
     // Another run of this same request committed first. The units are sold once: the objects remember
     // which order keys they already counted, so confirming here can never count them twice.
     const placed = await placedOrderJson(env.DB, orderKey).catch(() => null);

@@ -339,6 +339,47 @@ describe("runs of one keyed request", () => {
   });
 });
 
+describe("a run whose write meets its own order, placed by another run (with a coupon)", () => {
+  it("replays that order: SQLite names the coupon's UNIQUE index, not the key's, and the key decides", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 10 });
+    const stub = stockObject(product.id);
+    await stub.snapshot(product.id);
+    const user = await makeUser();
+    await fund(user.id, 5_000);
+    const couponId = await grantCoupon(user.id, { discountValue: 500 });
+    const claim = { scope: `user:${user.id}`, key: "other-run", requestHash: "h", lockedUntil: "x", effectRef: "other-run-effect", fresh: false, shared: true };
+    const order = { orderKey: "idem:other-run-effect", userId: user.id, quantity: 1, userCouponId: couponId, now: new Date().toISOString(), claim };
+    // Between this group's read and its write, another run's write of the same order lands (one from the
+    // object's previous life, say): the order row under the key, with the coupon taken.
+    let landed: number | null = null;
+    const restore = inject(env.DB, "batch", (batch) =>
+      (async (statements: D1PreparedStatement[]) => {
+        if (landed === null && writesOrders(statements)) {
+          const [row] = await batch([
+            env.DB.prepare(
+              `INSERT INTO orders (order_key, user_id, status, total_amount, discount_amount, paid_amount, user_coupon_id, created_at)
+               VALUES (?, ?, 'COMPLETED', 1000, 500, 500, ?, ?) RETURNING id`,
+            ).bind(order.orderKey, user.id, couponId, order.now),
+            env.DB.prepare("UPDATE user_coupons SET status = 'USED', used_at = ? WHERE id = ?").bind(order.now, couponId),
+          ]);
+          landed = (row!.results[0] as { id: number }).id;
+        }
+        return batch(statements);
+      }) as typeof batch,
+    );
+    let result;
+    try {
+      result = await stub.placeOrder(product.id, order);
+    } finally {
+      restore();
+    }
+    // Before: refused COUPON_NOT_USABLE ("used by another order"), for the very order this run was placing.
+    expect(result.outcome).toMatchObject({ ok: true, stored: false });
+    expect(JSON.parse((result.outcome as { body: string }).body)).toMatchObject({ id: landed, userCouponId: couponId });
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", user.id)).toEqual([{ id: landed }]);
+  });
+});
+
 describe("the Idempotency-Keys of one product's orders, claimed by its object", () => {
   const keyedOrder = (token: string, productId: number, key: string) =>
     call("POST", "/api/orders", { token, headers: { "Idempotency-Key": key }, body: { items: [{ productId, quantity: 1 }] } });

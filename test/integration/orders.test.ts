@@ -409,6 +409,41 @@ describe("POST /api/orders: runs of one idempotent request that overlap", () => 
     expect(await walletInvariant(user.id)).toEqual({ balance: 49_000, ledger: 49_000, newest: 49_000 });
   });
 
+  it("a slow first run with a coupon that commits between a retry's read and its write: the retry replays it", async () => {
+    const user = await buyer(50_000);
+    const [one_, two] = await Promise.all([makeProduct({ price: 1_000, stock: 10 }), makeProduct({ price: 2_000, stock: 10 })]);
+    const couponId = await grantCoupon(user.id, { discountValue: 500 });
+    const input = { items: [{ productId: one_.id, quantity: 1 }, { productId: two.id, quantity: 1 }], userCouponId: couponId };
+    const body = JSON.stringify(input);
+    const claim = await staleClaim(user.id, body);
+    // The retry takes the key over and reads (no order yet); the slow first run's batch lands just before the
+    // retry's own. Its duplicate breaks two UNIQUE indexes, and SQLite names the coupon's, not the key's.
+    let late: Promise<string> | null = null;
+    const restore = inject(env.DB, "batch", (batch) =>
+      (async (statements: D1PreparedStatement[]) => {
+        const writes = statements.some((st) => /^\s*INSERT INTO orders /.test((st as unknown as { statement?: string }).statement ?? ""));
+        if (writes && late === null) {
+          late = placeOrder({ env, clock: systemClock, queues: noQueues, defer: () => {}, claim }, user.id, input);
+          await late;
+        }
+        return batch(statements);
+      }) as typeof batch,
+    );
+    let retry;
+    try {
+      retry = await call("POST", "/api/orders", { token: user.token, body, headers: { "Idempotency-Key": claim.key } });
+    } finally {
+      restore();
+    }
+    // Before: 400 COUPON_NOT_USABLE, stored under the key for 24 h, while the order was placed and paid.
+    expect(retry.status).toBe(200);
+    expect(retry.text).toBe(await late!);
+    expect((await one<{ n: number }>("SELECT count(*) AS n FROM orders WHERE user_id = ?", user.id)).n).toBe(1);
+    expect(await walletInvariant(user.id)).toEqual({ balance: 47_500, ledger: 47_500, newest: 47_500 });
+    const replay = await call("POST", "/api/orders", { token: user.token, body, headers: { "Idempotency-Key": claim.key } });
+    expect(replay.text).toBe(retry.text);
+  });
+
   it("a slow first run that finishes after a retry took over does not place a second order", async () => {
     const user = await buyer(50_000);
     const product = await makeProduct({ price: 1_000, stock: 10 });
