@@ -98,6 +98,8 @@ export class ProductStock extends DurableObject<Env> {
   private alarmFailures = 0;
   /** How many times this life took D1's numbers (first load and re-syncs). */
   private loads = 0;
+  /** A re-read of D1 failed (`resync`): D1 is read again before the next decision. */
+  private decideAfterReload = false;
   private orders: OrderGroup | null = null;
 
   constructor(ctx: DurableObjectState, env: Env) {
@@ -127,7 +129,7 @@ export class ProductStock extends DurableObject<Env> {
 
   /** `newKey`: the caller knows no entry can exist under `orderKey` yet (a key made for this request alone). */
   private async take(productId: number, orderKey: string, quantity: number, userId: number, newKey = false): Promise<ReserveResult> {
-    if (!(await this.load(productId))) return this.refusal("PRODUCT_NOT_FOUND", userId);
+    if (!(await this.loadToDecide(productId))) return this.refusal("PRODUCT_NOT_FOUND", userId);
     // From here to the insert there is no await: this is the critical section.
     // An order already committed under this key needs nothing more: its write will find the order. An entry
     // still open under it (an earlier run of the same keyed order) is this run's too (see `adopt`).
@@ -190,7 +192,7 @@ export class ProductStock extends DurableObject<Env> {
 
   /** What `reserve` would answer, without taking anything: to name the first of several refusals. */
   async check(productId: number, quantity: number, userId: number): Promise<ReserveResult> {
-    if (!(await this.load(productId))) return this.refusal("PRODUCT_NOT_FOUND", userId);
+    if (!(await this.loadToDecide(productId))) return this.refusal("PRODUCT_NOT_FOUND", userId);
     const refusal = this.assess(quantity, userId);
     return refusal ? this.refusal(refusal, userId) : { ok: true, available: this.available() };
   }
@@ -233,8 +235,22 @@ export class ProductStock extends DurableObject<Env> {
    * fate of the open reservations read in the same snapshot. Calls arriving meanwhile wait for it.
    */
   async resync(productId: number, requestId?: string): Promise<void> {
+    // A load already running may have read D1 before what made this one due: let it end, then read again.
+    await this.loading?.catch(() => undefined);
+    const loaded = this.productId;
     this.productId = null;
-    await this.load(productId);
+    try {
+      await this.load(productId);
+    } catch (error) {
+      // D1 unreadable: this life keeps what it knows, so releases, commits and alarms still apply, but it
+      // decides nothing more (a reservation, an admin change) before D1 has been read again (`loadToDecide`).
+      if (this.productId === null && loaded === productId) {
+        this.productId = loaded;
+        this.decideAfterReload = true;
+      }
+      throw error;
+    }
+    this.decideAfterReload = false;
     const state = { productId, stock: this.stock, reserved: this.reserved };
     withRequestId(requestId, () => log("warn", "stock object re-synced from D1", state));
   }
@@ -245,7 +261,7 @@ export class ProductStock extends DurableObject<Env> {
    * an increase only after D1 has it: either way the object never offers stock D1 lacks.
    */
   async adjust(productId: number, patch: StockPatch): Promise<AdjustResult> {
-    if (!(await this.load(productId))) return { ok: false, reason: "PRODUCT_NOT_FOUND" };
+    if (!(await this.loadToDecide(productId))) return { ok: false, reason: "PRODUCT_NOT_FOUND" };
     const delta = patch.stockDelta;
     if (delta < 0 && this.available() + delta < 0) return { ok: false, reason: "OUT_OF_STOCK" };
     // A tighter limit applies before D1 has it (it can only refuse more); a looser one only after, so no
@@ -267,19 +283,26 @@ export class ProductStock extends DurableObject<Env> {
         .bind(delta, patch.name ?? null, patch.price ?? null, patch.updatedAt, productId, limit !== undefined ? 1 : 0, limit ?? null)
         .first<ProductRecord>();
       if (!row) throw new Error(`product ${productId} vanished from D1`);
-      if (this.loads !== loads) await this.resync(productId);
+      if (this.loads !== loads || this.loading !== null) await this.resync(productId);
       else {
         if (delta > 0) this.stock += delta;
         if (limit !== undefined) this.maxPerUser = limit;
       }
       return { ok: true, product: row };
     } catch (error) {
+      if (this.loads === loads && this.loading === null) {
+        if (delta < 0) this.stock -= delta;
+        this.maxPerUser = previousLimit;
+      }
       // Refused by D1's stock CHECK, or an outcome unknown (a reply lost after D1 committed): either way this
-      // object's numbers may no longer be D1's (undoing the change here would keep a lost +5 unsellable and a
-      // lost -5 on offer), so it takes D1's again. If even that read fails, it reloads before its next decision.
+      // object's numbers may no longer be D1's (the undo above would keep a lost +5 unsellable and a lost -5
+      // on offer), so it takes D1's again; if even that read fails, it decides nothing before it has them.
       const refused = error instanceof Error && error.message.includes("products_stock_non_negative");
       await this.resync(productId).catch((reload: unknown) =>
-        log("warn", "stock object re-sync after a failed change failed; it reloads on its next call", { productId, ...describeError(reload) }),
+        log("warn", "stock object could not re-read D1 after a failed change; it will before its next decision", {
+          productId,
+          ...describeError(reload),
+        }),
       );
       if (refused) return { ok: false, reason: "OUT_OF_STOCK" };
       throw error;
@@ -521,6 +544,12 @@ export class ProductStock extends DurableObject<Env> {
    * reached D1 are already in D1's stock, the rest stay held until they are committed, released or expire,
    * and the alarm is set for them.
    */
+  /** `load`, and first a re-read of D1 that a failed one left due (see `resync`): before deciding anything. */
+  private async loadToDecide(productId: number): Promise<boolean> {
+    if (this.decideAfterReload && this.productId === productId) await this.resync(productId);
+    return this.load(productId);
+  }
+
   private load(productId: number): Promise<boolean> {
     if (this.productId === productId) return Promise.resolve(true);
     this.loading ??= this.loadFromD1(productId).finally(() => {

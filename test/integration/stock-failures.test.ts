@@ -229,6 +229,57 @@ describe("an admin stock change whose D1 reply is lost", () => {
   });
 });
 
+describe("an admin stock change whose D1 reply is lost while D1 then stays down", () => {
+  it("the object keeps settling what it holds, decides nothing until it has read D1 again, then agrees with D1", async () => {
+    const product = await makeProduct({ price: 100, stock: 5 });
+    const stub = stockObject(product.id);
+    expect(await stub.reserve(product.id, "held-through-outage", 1, 1)).toMatchObject({ ok: true });
+    // The change commits and its reply is lost; then D1 goes down, so the object's re-read fails too.
+    let down = false;
+    const restore = [
+      inject(env.DB, "prepare", (prepare) =>
+        ((sql: string) => {
+          const statement = prepare(sql);
+          if (!sql.includes("UPDATE products SET stock = stock + ?1")) return statement;
+          return {
+            bind: (...values: unknown[]) => {
+              const bound = statement.bind(...values);
+              return {
+                first: async () => {
+                  await bound.first();
+                  down = true;
+                  throw d1Down();
+                },
+              };
+            },
+          };
+        }) as typeof prepare,
+      ),
+      inject(env.DB, "batch", (batch) =>
+        (async (statements: D1PreparedStatement[]) => {
+          if (down) throw d1Down();
+          return batch(statements);
+        }) as typeof batch,
+      ),
+    ];
+    try {
+      const res = await call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: 3 } });
+      expectProblem(res, 503, "SERVICE_UNAVAILABLE");
+      // Still down: the failed order's reservation is given back at once (it needs no D1)...
+      await stub.release(product.id, "held-through-outage");
+      expect(await runInDurableObject(stub, (_instance, state) => state.storage.sql.exec("SELECT order_key FROM reservations").toArray())).toEqual([]);
+      // ...but no new reservation is decided on numbers D1 may have moved.
+      await expect(stub.reserve(product.id, "during-outage", 1, 1)).rejects.toThrow(/Network connection lost/);
+    } finally {
+      restore.forEach((r) => r());
+    }
+    // D1 is back: the next decision reads it first.
+    expect(await stub.reserve(product.id, "after-outage", 1, 1)).toMatchObject({ ok: true, available: 7 });
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 8, reserved: 1, available: 7 });
+    expect(await soldUnits(product.id)).toEqual({ stock: 8, units: 0 });
+  });
+});
+
 describe("an object that fails the call", () => {
   type StockStub = ReturnType<typeof stockObject>;
   type Mode = "overloaded" | "reply lost";
