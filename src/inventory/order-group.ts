@@ -1,5 +1,5 @@
 import { DUPLICATE_ORDER, isConstraintViolation } from "../db/errors";
-import { AppError, type ErrorCode } from "../lib/errors";
+import { AppError, ORDER_OUTCOME_UNKNOWN, type ErrorCode } from "../lib/errors";
 import { claimNewKeys, claimOf, claimsMade, keyId, keyRowsOf, keysInUse, mayShare, type Claim, type ClaimToMake, type KeyRow } from "../lib/idempotency";
 import { describeError, log } from "../lib/log";
 import {
@@ -85,6 +85,8 @@ interface Waiting {
   /** Replaced once the group claims its key (`claimToMake`). */
   order: SingleProductOrder;
   answer(outcome: GroupOutcome): void;
+  /** Sent to the next group once already, its write having met a row of its own order key (see writeFailed). */
+  resubmitted?: true;
 }
 
 interface Priced extends Waiting {
@@ -103,9 +105,9 @@ export class OrderGroup {
     private readonly hooks: GroupHooks,
   ) {}
 
-  submit(order: SingleProductOrder): Promise<GroupOutcome> {
+  submit(order: SingleProductOrder, resubmitted?: true): Promise<GroupOutcome> {
     return new Promise((answer) => {
-      this.waiting.push({ order, answer });
+      this.waiting.push({ order, answer, resubmitted });
       if (!this.flushing) {
         this.flushing = true;
         void this.flush();
@@ -222,10 +224,11 @@ export class OrderGroup {
 
   /** One order's own batch failed. */
   private writeFailed(p: Priced, error: unknown): void {
-    if (p.order.claim !== null && isConstraintViolation(error, DUPLICATE_ORDER)) {
+    if (p.order.claim !== null && !p.resubmitted && isConstraintViolation(error, DUPLICATE_ORDER)) {
       // Another run of this keyed request committed first (or its coupon went to another order): the next
-      // group's read finds the order and replays it, or refuses the coupon.
-      void this.submit(p.order).then(p.answer);
+      // group's read finds the order and replays it, or refuses the coupon. Once: a second such failure is
+      // translated below, whatever D1 shows.
+      void this.submit(p.order, true).then(p.answer);
       return;
     }
     const refusal = translateWriteError(error);
@@ -260,7 +263,7 @@ export class OrderGroup {
     w.answer({
       ok: false,
       code: "SERVICE_UNAVAILABLE",
-      detail: "The order may or may not have been placed; retry with the same Idempotency-Key",
+      detail: ORDER_OUTCOME_UNKNOWN,
       outcomeUnknown: true,
     });
   }
@@ -351,17 +354,20 @@ async function readGroupInputs(db: D1Database, productId: number, orders: Single
       if (order.userCouponId !== null) {
         coupon = coupons.get(order.userCouponId) ?? null;
         if (!coupon) throw new AppError("COUPON_NOT_USABLE", `User coupon ${order.userCouponId} does not exist`);
-        // Taken by an earlier order of this group, whose write may yet fail (another user's is refused as missing).
-        if (usedCoupons.has(coupon.id) && coupon.user_id === order.userId) throw new PricedInNextGroup();
       }
+      // Taken by an earlier order of this group (its own user's coupon: another's is refused below as missing).
+      const takenInGroup = coupon !== null && usedCoupons.has(coupon.id) && coupon.user_id === order.userId;
       let row: OrderToWrite;
       try {
-        row = { ...priceOrder(order.userId, [{ productId, quantity: order.quantity }], products, coupon, balance, new Date(order.now)), requestId: order.requestId };
+        // Priced as the group found D1: a refusal here stands whatever the earlier orders of the group do.
+        row = { ...priceOrder(order.userId, [{ productId, quantity: order.quantity }], products, coupon, snapshotBalances.get(order.userId)!, new Date(order.now)), requestId: order.requestId };
       } catch (error) {
-        // Short only of what earlier orders of this group are about to spend: they may yet fail.
-        const spentInGroup = balance !== snapshotBalances.get(order.userId);
-        throw spentInGroup && error instanceof AppError && error.code === "INSUFFICIENT_BALANCE" ? new PricedInNextGroup() : error;
+        // Unless the coupon is being taken: if that write lands, COUPON_NOT_USABLE comes first.
+        const shortAnyway = error instanceof AppError && error.code === "INSUFFICIENT_BALANCE";
+        throw takenInGroup && shortAnyway ? new PricedInNextGroup() : error;
       }
+      // Refused only for what earlier orders of this group are about to spend: they may yet fail.
+      if (takenInGroup || balance < row.paidAmount) throw new PricedInNextGroup();
       balances.set(order.userId, balance - row.paidAmount);
       if (coupon) usedCoupons.add(coupon.id);
       return row;

@@ -1,4 +1,4 @@
-import { AppError, OutcomeUnknownError } from "../lib/errors";
+import { AppError, ORDER_OUTCOME_UNKNOWN, OutcomeUnknownError } from "../lib/errors";
 import { KeyInUse } from "../lib/idempotency";
 import { SoldOutMarks } from "../lib/sold-out-marks";
 import { describeError, log } from "../lib/log";
@@ -134,7 +134,7 @@ export async function placeSingleProductOrder(env: Env, line: StockLine, order: 
     if ((error as { overloaded?: unknown } | null)?.overloaded === true) {
       throw new AppError("SERVICE_UNAVAILABLE", "The product is busy; retry shortly");
     }
-    throw new OutcomeUnknownError("The order may or may not have been placed; retry with the same Idempotency-Key", { cause: error });
+    throw new OutcomeUnknownError(ORDER_OUTCOME_UNKNOWN, { cause: error });
   }
   // The claim the object made for a key the Worker did not claim: the Worker finishes it, whatever follows.
   if (order.claimToMake && result.outcome?.claim) order.claimToMake.made = result.outcome.claim;

@@ -1,5 +1,5 @@
 import { DUPLICATE_ORDER, isConstraintViolation } from "../db/errors";
-import { AppError, OutcomeUnknownError } from "../lib/errors";
+import { AppError, ORDER_OUTCOME_UNKNOWN, OutcomeUnknownError } from "../lib/errors";
 import type { Clock } from "../lib/clock";
 import type { PlaceOrder } from "./schemas";
 import {
@@ -136,10 +136,16 @@ async function settleFailedWrite(env: Env, orderKey: string, lines: StockLine[],
     throw error;
   }
   const cause = error.cause;
-  if (isConstraintViolation(cause, DUPLICATE_ORDER)) {
+  if (claim !== null && isConstraintViolation(cause, DUPLICATE_ORDER)) {
     // Another run of this same request committed first. The units are sold once: the objects remember
     // which order keys they already counted, so confirming here can never count them twice.
-    const placed = await placedOrderJson(env.DB, orderKey).catch(() => null);
+    const placed = await placedOrderJson(env.DB, orderKey).catch(() => undefined);
+    if (placed === undefined) {
+      // Unreadable: placed by that run, or the coupon went to another order. Which is unknown, so D1 settles
+      // the units and the claim stays for a retry to find out, as for a lost reply (below).
+      await settleStockSoon(env, orderKey, lines);
+      throw new OutcomeUnknownError(ORDER_OUTCOME_UNKNOWN, { cause });
+    }
     if (placed !== null) {
       await commitStock(env, orderKey, lines);
       return placed;
@@ -157,7 +163,7 @@ async function settleFailedWrite(env: Env, orderKey: string, lines: StockLine[],
   // against D1 by the stock objects within seconds; a retry with the same Idempotency-Key continues
   // this very order (same order key), so it can never be placed twice.
   await settleStockSoon(env, orderKey, lines);
-  throw new OutcomeUnknownError("The order may or may not have been placed; retry with the same Idempotency-Key", {
+  throw new OutcomeUnknownError(ORDER_OUTCOME_UNKNOWN, {
     cause,
   });
 }

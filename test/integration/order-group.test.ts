@@ -158,9 +158,11 @@ describe("group commit of one product's orders", () => {
       const first = orderOne(filler!.token, productId);
       await expect.poll(() => writes, { interval: 5 }).toBe(1);
       const answers: Promise<ApiResponse>[] = [];
-      for (const [i, send] of orders.entries()) {
+      let reserved = before + 1;
+      for (const send of orders) {
         answers.push(send());
-        await expect.poll(async () => (await stub.snapshot(productId))!.reserved, { interval: 5 }).toBe(before + 2 + i);
+        await expect.poll(async () => (await stub.snapshot(productId))!.reserved, { interval: 5 }).toBeGreaterThan(reserved);
+        reserved = (await stub.snapshot(productId))!.reserved;
       }
       held.open();
       expect((await first).status).toBe(200);
@@ -203,6 +205,34 @@ describe("group commit of one product's orders", () => {
     // Before: 400 INSUFFICIENT_BALANCE, with the whole 1,500 still in the wallet.
     expect(second!.status).toBe(200);
     expect(await walletInvariant(user.id)).toEqual({ balance: 500, ledger: 500, newest: 500 });
+  });
+
+  it("when that earlier order commits, the order that waited for it is refused in the next group", async () => {
+    const product = await makeProduct({ price: 5_000, stock: 20 });
+    const user = await makeUser();
+    await fund(user.id, 100_000);
+    const token = await tokenFor(user.id);
+    const couponId = await grantCoupon(user.id, { discountValue: 1_000 });
+    const withCoupon = () => orderOne(token, product.id, { userCouponId: couponId });
+    const [first, second] = await inNextGroup(product.id, [withCoupon, withCoupon], (batch) => batch);
+    expect(first!.status).toBe(200);
+    expectProblem(second!, 400, "COUPON_NOT_USABLE");
+    expect(second!.body.detail).toBe(`User coupon ${couponId} is USED`);
+    // The filler's unit and the first order's are sold; the second's is back.
+    await expect.poll(() => stockObject(product.id).snapshot(product.id)).toEqual({ stock: 18, reserved: 0, available: 18 });
+  });
+
+  it("an order short of the balance even before its group spends any is refused at once, not made to wait", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 20 });
+    const user = await makeUser();
+    await fund(user.id, 1_500);
+    const token = await tokenFor(user.id);
+    const two = () => call("POST", "/api/orders", { token, body: { items: [{ productId: product.id, quantity: 2 }] } });
+    const [first, second] = await inNextGroup(product.id, [() => orderOne(token, product.id), two], (batch) => batch);
+    expect(first!.status).toBe(200);
+    expectProblem(second!, 400, "INSUFFICIENT_BALANCE");
+    // Priced against the balance its group read, not the one left after the earlier order (500).
+    expect(second!.body.detail).toBe("The order costs 2000 won; the balance is 1500");
   });
 
   it("another user's coupon, taken by its owner's order earlier in the group, is refused as missing", async () => {
@@ -377,6 +407,28 @@ describe("a run whose write meets its own order, placed by another run (with a c
     expect(result.outcome).toMatchObject({ ok: true, stored: false });
     expect(JSON.parse((result.outcome as { body: string }).body)).toMatchObject({ id: landed, userCouponId: couponId });
     expect(await all("SELECT id FROM orders WHERE user_id = ?", user.id)).toEqual([{ id: landed }]);
+  });
+});
+
+describe("a run whose write meets a coupon D1 shows free but another order holds (bad data)", () => {
+  it("is sent to the next group once, then refused: never a loop", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 10 });
+    const stub = stockObject(product.id);
+    const user = await makeUser();
+    await fund(user.id, 5_000);
+    const couponId = await grantCoupon(user.id, { discountValue: 500 });
+    // Another order holds the coupon while its row still says AVAILABLE.
+    await env.DB.prepare(
+      `INSERT INTO orders (order_key, user_id, status, total_amount, discount_amount, paid_amount, user_coupon_id, created_at)
+       VALUES ('bad-data', ?, 'COMPLETED', 1000, 500, 500, ?, ?)`,
+    )
+      .bind(user.id, couponId, new Date().toISOString())
+      .run();
+    const claim = { scope: `user:${user.id}`, key: "bad-data-run", requestHash: "h", lockedUntil: "x", effectRef: "bad-data-effect", fresh: false, shared: true };
+    const order = { orderKey: "idem:bad-data-effect", userId: user.id, quantity: 1, userCouponId: couponId, now: new Date().toISOString(), claim };
+    const result = await stub.placeOrder(product.id, order);
+    expect(result.outcome).toMatchObject({ ok: false, code: "COUPON_NOT_USABLE" });
+    expect(await stub.groupCounters()).toMatchObject({ ordersWritten: 0 });
   });
 });
 

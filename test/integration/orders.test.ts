@@ -444,6 +444,48 @@ describe("POST /api/orders: runs of one idempotent request that overlap", () => 
     expect(replay.text).toBe(retry.text);
   });
 
+  it("the same, when the lookup that would tell the two apart fails: 503 with the claim kept, never a stored refusal", async () => {
+    const user = await buyer(50_000);
+    const [one_, two] = await Promise.all([makeProduct({ price: 1_000, stock: 10 }), makeProduct({ price: 2_000, stock: 10 })]);
+    const couponId = await grantCoupon(user.id, { discountValue: 500 });
+    const input = { items: [{ productId: one_.id, quantity: 1 }, { productId: two.id, quantity: 1 }], userCouponId: couponId };
+    const body = JSON.stringify(input);
+    const claim = await staleClaim(user.id, body);
+    let late: Promise<string> | null = null;
+    let lookupFails = false;
+    const restore = [
+      inject(env.DB, "batch", (batch) =>
+        (async (statements: D1PreparedStatement[]) => {
+          const writes = statements.some((st) => /^\s*INSERT INTO orders /.test((st as unknown as { statement?: string }).statement ?? ""));
+          if (!writes || late !== null) return batch(statements);
+          late = placeOrder({ env, clock: systemClock, queues: noQueues, defer: () => {}, claim }, user.id, input);
+          await late;
+          // The retry's own write now fails on the duplicate, and its lookup of the order key fails next.
+          lookupFails = true;
+          return batch(statements);
+        }) as typeof batch,
+      ),
+      inject(env.DB, "prepare", (prepare) =>
+        ((sql: string) => {
+          if (!lookupFails || !sql.includes("AS body FROM orders o WHERE o.order_key = ?")) return prepare(sql);
+          lookupFails = false;
+          return { bind: () => ({ first: async () => Promise.reject(new Error("D1_ERROR: Network connection lost (injected)")) }) };
+        }) as typeof prepare,
+      ),
+    ];
+    let retry;
+    try {
+      retry = await call("POST", "/api/orders", { token: user.token, body, headers: { "Idempotency-Key": claim.key } });
+    } finally {
+      restore.forEach((r) => r());
+    }
+    expectProblem(retry, 503, "SERVICE_UNAVAILABLE");
+    expect(retry.body.detail).toBe("The order may or may not have been placed; retry with the same Idempotency-Key");
+    // Kept for a retry to find the order (not DONE with a COUPON_NOT_USABLE to replay for 24 h).
+    expect(await one("SELECT state FROM idempotency_keys WHERE scope = ? AND key = ?", claim.scope, claim.key)).toEqual({ state: "IN_PROGRESS" });
+    expect((await one<{ n: number }>("SELECT count(*) AS n FROM orders WHERE user_id = ?", user.id)).n).toBe(1);
+  });
+
   it("a slow first run that finishes after a retry took over does not place a second order", async () => {
     const user = await buyer(50_000);
     const product = await makeProduct({ price: 1_000, stock: 10 });
