@@ -265,7 +265,9 @@ async function post(delivery: Delivery, deps: ExportDeps, idempotencyKey: string
     });
     if (response.ok) return null;
     if (response.status >= 300 && response.status < 400) {
-      return `HTTP ${response.status} redirect to ${response.headers.get("Location") ?? "(no Location)"}: not followed; set DATA_PLATFORM_URL to the final address`;
+      await response.body?.cancel();
+      const target = (response.headers.get("Location") ?? "(no Location)").slice(0, 200);
+      return `HTTP ${response.status} redirect to ${target}: not followed; set DATA_PLATFORM_URL to the final address`;
     }
     const text = (await response.text().catch(() => "")).slice(0, 200);
     return `HTTP ${response.status}${text ? `: ${text}` : ""}`;
