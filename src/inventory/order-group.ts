@@ -224,11 +224,13 @@ export class OrderGroup {
 
   /** One order's own batch failed. */
   private writeFailed(p: Priced, error: unknown): void {
-    if (p.order.claim !== null && !p.resubmitted && isConstraintViolation(error, DUPLICATE_ORDER)) {
+    if (p.order.claim !== null && isConstraintViolation(error, DUPLICATE_ORDER)) {
       // Another run of this keyed request committed first (or its coupon went to another order): the next
-      // group's read finds the order and replays it, or refuses the coupon. Once: a second such failure is
-      // translated below, whatever D1 shows.
-      void this.submit(p.order, true).then(p.answer);
+      // group's read finds the order and replays it, or refuses the coupon.
+      if (!p.resubmitted) void this.submit(p.order, true).then(p.answer);
+      // Again: yet another run landed meanwhile, or D1 shows a coupon free that an order holds. Never a loop,
+      // and never a refusal that could be false: unknown to this run, so D1 settles its units, the claim stays.
+      else this.unknown(p, error);
       return;
     }
     const refusal = translateWriteError(error);

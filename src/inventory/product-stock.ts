@@ -100,6 +100,10 @@ export class ProductStock extends DurableObject<Env> {
   private loads = 0;
   /** A re-read of D1 failed (`resync`): D1 is read again before the next decision. */
   private decideAfterReload = false;
+  /** The product this life has loaded at least once: what it holds can be settled without reading D1 again. */
+  private loadedOnce: number | null = null;
+  /** Units admin decreases took here whose D1 writes are still in flight (see `adjust`). */
+  private decreasesInFlight = 0;
   private orders: OrderGroup | null = null;
 
   constructor(ctx: DurableObjectState, env: Env) {
@@ -209,13 +213,13 @@ export class ProductStock extends DurableObject<Env> {
 
   /** The order's (or the cancellation's) D1 batch committed: the entry is now part of D1's stock. */
   async commit(productId: number, orderKey: string): Promise<void> {
-    if (!(await this.load(productId))) return;
+    if (!(await this.loadToSettle(productId))) return;
     this.settle(orderKey, true);
   }
 
   /** The order failed: give its reservation back (or forget the restock of a cancellation that failed). */
   async release(productId: number, orderKey: string): Promise<void> {
-    if (!(await this.load(productId))) return;
+    if (!(await this.loadToSettle(productId))) return;
     this.drop(orderKey);
   }
 
@@ -224,7 +228,7 @@ export class ProductStock extends DurableObject<Env> {
    * (committed means sold, else released) rather than hold the stock for the whole TTL.
    */
   async settleSoon(productId: number, orderKey: string): Promise<void> {
-    if (!(await this.load(productId))) return;
+    if (!(await this.loadToSettle(productId))) return;
     const at = Date.now() + SETTLE_SOON_MS;
     this.sql.exec("UPDATE reservations SET expires_at = min(expires_at, ?) WHERE order_key = ?", at, orderKey);
     await this.settleBy(at);
@@ -236,7 +240,7 @@ export class ProductStock extends DurableObject<Env> {
    */
   async resync(productId: number, requestId?: string): Promise<void> {
     // A load already running may have read D1 before what made this one due: let it end, then read again.
-    await this.loading?.catch(() => undefined);
+    if (this.loading) await this.loading.catch(() => undefined);
     const loaded = this.productId;
     this.productId = null;
     try {
@@ -270,43 +274,54 @@ export class ProductStock extends DurableObject<Env> {
     const previousLimit = this.maxPerUser;
     const tighter = limit !== undefined && limit !== null && (previousLimit === null || limit < previousLimit);
     if (tighter) this.maxPerUser = limit;
-    if (delta < 0) this.stock += delta;
-    // A re-read during the write replaces `stock` with a snapshot that may or may not hold this change:
-    // then the arithmetic below would count it twice or not at all, so D1 is read again instead.
+    // A decrease is taken before the write; a load reading D1 meanwhile counts it taken too (loadFromD1).
+    const decrease = Math.max(0, -delta);
+    this.stock -= decrease;
+    this.decreasesInFlight += decrease;
+    // A load during the write replaces `stock` with a snapshot that may or may not hold this change: then the
+    // arithmetic below would count it twice or not at all, so D1 is read again instead.
     const loads = this.loads;
+    const reloaded = () => this.loads !== loads || this.loading !== null;
+    let row: ProductRecord | null;
     try {
-      const row = await this.env.DB.prepare(
+      row = await this.env.DB.prepare(
         `UPDATE products SET stock = stock + ?1, name = coalesce(?2, name), price = coalesce(?3, price), updated_at = ?4,
            max_per_user = CASE WHEN ?6 THEN ?7 ELSE max_per_user END
          WHERE id = ?5 RETURNING id, name, price, stock, max_per_user AS maxPerUser, created_at AS createdAt, updated_at AS updatedAt`,
       )
         .bind(delta, patch.name ?? null, patch.price ?? null, patch.updatedAt, productId, limit !== undefined ? 1 : 0, limit ?? null)
         .first<ProductRecord>();
-      if (!row) throw new Error(`product ${productId} vanished from D1`);
-      if (this.loads !== loads || this.loading !== null) await this.resync(productId);
-      else {
-        if (delta > 0) this.stock += delta;
-        if (limit !== undefined) this.maxPerUser = limit;
-      }
-      return { ok: true, product: row };
     } catch (error) {
-      if (this.loads === loads && this.loading === null) {
-        if (delta < 0) this.stock -= delta;
+      this.decreasesInFlight -= decrease;
+      // Refused by D1's stock CHECK: nothing was written, so the change is undone here. Any other failure may
+      // have committed (a reply lost): the object stays on the safe side (the decrease taken, a tighter limit
+      // kept). Either way it then takes D1's numbers (undoing a lost +5 would keep it unsellable, a lost -5 on
+      // offer); if even that read fails, it decides nothing before it has them.
+      const refused = error instanceof Error && error.message.includes("products_stock_non_negative");
+      if (refused && !reloaded()) {
+        this.stock += decrease;
         this.maxPerUser = previousLimit;
       }
-      // Refused by D1's stock CHECK, or an outcome unknown (a reply lost after D1 committed): either way this
-      // object's numbers may no longer be D1's (the undo above would keep a lost +5 unsellable and a lost -5
-      // on offer), so it takes D1's again; if even that read fails, it decides nothing before it has them.
-      const refused = error instanceof Error && error.message.includes("products_stock_non_negative");
-      await this.resync(productId).catch((reload: unknown) =>
-        log("warn", "stock object could not re-read D1 after a failed change; it will before its next decision", {
-          productId,
-          ...describeError(reload),
-        }),
-      );
+      await this.tryResync(productId);
       if (refused) return { ok: false, reason: "OUT_OF_STOCK" };
       throw error;
     }
+    this.decreasesInFlight -= decrease;
+    if (!row) throw new Error(`product ${productId} vanished from D1`);
+    if (reloaded()) await this.tryResync(productId);
+    else {
+      if (delta > 0) this.stock += delta;
+      if (limit !== undefined) this.maxPerUser = limit;
+    }
+    // Committed: it is answered as applied even if the re-read failed (the object then reads D1 before deciding).
+    return { ok: true, product: row };
+  }
+
+  /** `resync`, its failure logged: the object then decides nothing before it has read D1 (see `resync`). */
+  private async tryResync(productId: number): Promise<void> {
+    await this.resync(productId).catch((error: unknown) =>
+      log("warn", "stock object could not re-read D1; it will before its next decision", { productId, ...describeError(error) }),
+    );
   }
 
   /** What the object believes: for tests and operations. */
@@ -368,7 +383,7 @@ export class ProductStock extends DurableObject<Env> {
       committed: (key) => this.settle(key, true),
       released: (key) => void this.drop(key),
       unknown: (key) => void this.settleSoon(productId, key),
-      resync: () => void this.resync(productId),
+      resync: () => void this.tryResync(productId),
       dispatch: (outbox, now) => this.ctx.waitUntil(dispatchOutbox(this.env.DB, queuesOf(this.env), outbox, now)),
     });
     return this.orders;
@@ -465,19 +480,20 @@ export class ProductStock extends DurableObject<Env> {
   private settle(key: string, committed: boolean): void {
     // A reload in flight is about to take D1's stock from a snapshot that may or may not hold this entry:
     // settle it once the reload is done, against the state it leaves (which knows which it was). If the
-    // reload fails, the entry stays stored and the next load reconciles it against D1.
+    // reload fails, against the state this life kept (see `resync`); with none (a first load failing), the
+    // entry stays stored and the next load reconciles it against D1.
     if (this.loading) {
-      this.loading.then(
-        () => this.settle(key, committed),
-        () => undefined,
-      );
+      const settleAfter = () => {
+        if (this.productId !== null) this.settle(key, committed);
+      };
+      this.loading.then(settleAfter, settleAfter);
       return;
     }
     const entry = this.drop(key);
     if (entry === null || !committed) {
       // Committed in D1 but no longer held here nor counted: the alarm gave it up as never committed before
       // a slow write landed. This object's numbers are off from D1's: take D1's again.
-      if (committed && !this.isSettled(key) && this.productId !== null) void this.resync(this.productId);
+      if (committed && !this.isSettled(key) && this.productId !== null) void this.tryResync(this.productId);
       return;
     }
     // Once per key, however many entries that key had.
@@ -538,18 +554,27 @@ export class ProductStock extends DurableObject<Env> {
     return entry.set;
   }
 
-  /**
-   * Loads the product's stock from D1 once per object lifetime (so also after a restart, or when asked to
-   * resync). Reservations left in storage by a previous lifetime are settled first: those whose order
-   * reached D1 are already in D1's stock, the rest stay held until they are committed, released or expire,
-   * and the alarm is set for them.
-   */
   /** `load`, and first a re-read of D1 that a failed one left due (see `resync`): before deciding anything. */
   private async loadToDecide(productId: number): Promise<boolean> {
     if (this.decideAfterReload && this.productId === productId) await this.resync(productId);
     return this.load(productId);
   }
 
+  /**
+   * `load`, skipped once this life has loaded the product: releasing, committing or settling soon what it
+   * holds needs no fresh D1 numbers (a commit waits for a re-read in flight, see `settle`), so a re-read
+   * failing during an outage does not fail them.
+   */
+  private loadToSettle(productId: number): Promise<boolean> {
+    return this.loadedOnce === productId ? Promise.resolve(true) : this.load(productId);
+  }
+
+  /**
+   * Loads the product's stock from D1 once per object lifetime (so also after a restart, or when asked to
+   * resync). Reservations left in storage by a previous lifetime are settled first: those whose order
+   * reached D1 are already in D1's stock, the rest stay held until they are committed, released or expire,
+   * and the alarm is set for them.
+   */
   private load(productId: number): Promise<boolean> {
     if (this.productId === productId) return Promise.resolve(true);
     this.loading ??= this.loadFromD1(productId).finally(() => {
@@ -567,7 +592,7 @@ export class ProductStock extends DurableObject<Env> {
       const entry = this.drop(key);
       if (this.markSettled(key) && entry) this.countPurchase(entry);
     }
-    this.stock = snapshot.stock;
+    this.stock = snapshot.stock - this.decreasesInFlight;
     this.maxPerUser = snapshot.maxPerUser;
     this.loads += 1;
     this.reserved = this.sql
@@ -577,6 +602,7 @@ export class ProductStock extends DurableObject<Env> {
     const earliest = this.earliestExpiry();
     if (earliest !== null && this.alarmSet === null) await this.armAlarm(earliest);
     this.productId = productId;
+    this.loadedOnce = productId;
     return true;
   }
 }

@@ -52,13 +52,14 @@ export class AppError extends Error {
   }
 }
 
+/** The detail of an order whose write may or may not have committed. */
+export const ORDER_OUTCOME_UNKNOWN = "The order may or may not have been placed; retry with the same Idempotency-Key";
+
 /**
  * A write whose outcome is unknown (its reply was lost: it may or may not have committed). It answers 503,
  * and an idempotency claim is kept rather than released, so a retry with the same key continues the same
  * effect instead of starting a second one.
  */
-/** The detail of an order whose write may or may not have committed. */
-export const ORDER_OUTCOME_UNKNOWN = "The order may or may not have been placed; retry with the same Idempotency-Key";
 
 export class OutcomeUnknownError extends AppError {
   constructor(detail: string, options?: { cause?: unknown }) {
