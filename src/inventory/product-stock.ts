@@ -102,8 +102,9 @@ export class ProductStock extends DurableObject<Env> {
   private decideAfterReload = false;
   /** The product this life has loaded at least once: what it holds can be settled without reading D1 again. */
   private loadedOnce: number | null = null;
-  /** Units admin decreases took here whose D1 writes are still in flight (see `adjust`). */
+  /** Units admin decreases took here whose D1 writes are still in flight, and all they ever took (see `adjust`). */
   private decreasesInFlight = 0;
+  private decreasesStarted = 0;
   private orders: OrderGroup | null = null;
 
   constructor(ctx: DurableObjectState, env: Env) {
@@ -278,6 +279,7 @@ export class ProductStock extends DurableObject<Env> {
     const decrease = Math.max(0, -delta);
     this.stock -= decrease;
     this.decreasesInFlight += decrease;
+    this.decreasesStarted += decrease;
     // A load during the write replaces `stock` with a snapshot that may or may not hold this change: then the
     // arithmetic below would count it twice or not at all, so D1 is read again instead.
     const loads = this.loads;
@@ -307,7 +309,10 @@ export class ProductStock extends DurableObject<Env> {
       throw error;
     }
     this.decreasesInFlight -= decrease;
-    if (!row) throw new Error(`product ${productId} vanished from D1`);
+    if (!row) {
+      await this.tryResync(productId);
+      throw new Error(`product ${productId} vanished from D1`);
+    }
     if (reloaded()) await this.tryResync(productId);
     else {
       if (delta > 0) this.stock += delta;
@@ -382,7 +387,10 @@ export class ProductStock extends DurableObject<Env> {
       reserve: (order) => withRequestId(order.requestId, () => this.take(productId, order.orderKey, order.quantity, order.userId, true)),
       committed: (key) => this.settle(key, true),
       released: (key) => void this.drop(key),
-      unknown: (key) => void this.settleSoon(productId, key),
+      unknown: (key) =>
+        void this.settleSoon(productId, key).catch((error: unknown) =>
+          log("error", "stock object could not settle an unknown outcome soon; its TTL will", { productId, orderKey: key, ...describeError(error) }),
+        ),
       resync: () => void this.tryResync(productId),
       dispatch: (outbox, now) => this.ctx.waitUntil(dispatchOutbox(this.env.DB, queuesOf(this.env), outbox, now)),
     });
@@ -394,6 +402,8 @@ export class ProductStock extends DurableObject<Env> {
     const expired = this.sql.exec<{ order_key: string }>("SELECT order_key FROM reservations WHERE expires_at <= ?", now).toArray();
     for (const { order_key } of expired) {
       const committed = await isCommitted(this.env.DB, order_key);
+      // A re-read in flight would defer the settle past the check below: let it end first.
+      while (this.loading) await this.loading.catch(() => undefined);
       // Adopted while D1 was asked (a later run of the same order pushed its expiry back): that run ends it.
       if (this.sql.exec("SELECT 1 FROM reservations WHERE order_key = ? AND expires_at > ?", order_key, now).toArray().length > 0) continue;
       this.settle(order_key, committed);
@@ -585,6 +595,8 @@ export class ProductStock extends DurableObject<Env> {
 
   private async loadFromD1(productId: number): Promise<boolean> {
     const leftovers = this.sql.exec<{ order_key: string }>("SELECT order_key FROM reservations").toArray().map((r) => r.order_key);
+    const inFlight = this.decreasesInFlight;
+    const startedBefore = this.decreasesStarted;
     const snapshot = await readProductSnapshot(this.env.DB, productId, leftovers);
     if (!snapshot) return false;
     // D1's stock already holds what its committed entries did; the buyers' counts here do not yet.
@@ -592,7 +604,9 @@ export class ProductStock extends DurableObject<Env> {
       const entry = this.drop(key);
       if (this.markSettled(key) && entry) this.countPurchase(entry);
     }
-    this.stock = snapshot.stock - this.decreasesInFlight;
+    // Each admin decrease in flight at any moment of the read may or may not be in its snapshot: counted as
+    // taken, erring low (the adjust reads D1 again after its write).
+    this.stock = snapshot.stock - inFlight - (this.decreasesStarted - startedBefore);
     this.maxPerUser = snapshot.maxPerUser;
     this.loads += 1;
     this.reserved = this.sql

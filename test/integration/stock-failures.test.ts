@@ -347,6 +347,76 @@ describe("an admin decrease while the object re-reads D1", () => {
   });
 });
 
+describe("a re-read whose answer arrives after an admin decrease it read before", () => {
+  it("counts the decrease taken: an order waiting on that re-read cannot take units D1 no longer has", async () => {
+    const product = await makeProduct({ price: 100, stock: 10 });
+    const stub = stockObject(product.id);
+    await stub.snapshot(product.id);
+    let updateStalled = false;
+    let readDone = false;
+    let holdRead = true;
+    const update = gate();
+    const readReply = gate();
+    const sqlOf = (st: D1PreparedStatement) => (st as unknown as { statement?: string }).statement ?? "";
+    const restore = [
+      inject(env.DB, "prepare", (prepare) =>
+        ((sql: string) => {
+          const statement = prepare(sql);
+          if (!sql.includes("UPDATE products SET stock = stock + ?1")) return statement;
+          return {
+            bind: (...values: unknown[]) => {
+              const bound = statement.bind(...values);
+              return {
+                first: async () => {
+                  updateStalled = true;
+                  await update.opened;
+                  return bound.first();
+                },
+              };
+            },
+          };
+        }) as typeof prepare,
+      ),
+      // The re-read runs in D1 at once (10 in stock, before the decrease) but its reply is held.
+      inject(env.DB, "batch", (batch) =>
+        (async (statements: D1PreparedStatement[]) => {
+          if (!holdRead || !sqlOf(statements[0]!).startsWith("SELECT stock, max_per_user FROM products")) return batch(statements);
+          holdRead = false;
+          const result = await batch(statements);
+          readDone = true;
+          await readReply.opened;
+          return result;
+        }) as typeof batch,
+      ),
+    ];
+    let waiting;
+    try {
+      const patched = call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: -5 } });
+      await expect.poll(() => updateStalled, { interval: 5 }).toBe(true);
+      const resynced = stub.resync(product.id);
+      await expect.poll(() => readDone, { interval: 5 }).toBe(true);
+      // An order of 8 arrives and waits for that re-read; then the decrease commits (D1: 5) and its answer
+      // comes back before the re-read's.
+      waiting = stub.reserve(product.id, "waits-on-the-re-read", 8, 1);
+      update.open();
+      const decreasesInFlight = () =>
+        runInDurableObject(stub, (instance) => (instance as unknown as { decreasesInFlight: number }).decreasesInFlight);
+      await expect.poll(decreasesInFlight, { interval: 5 }).toBe(0);
+      readReply.open();
+      await resynced;
+      expect((await patched).status).toBe(200);
+    } finally {
+      restore.forEach((r) => r());
+      update.open();
+      readReply.open();
+    }
+    // Before: the re-read set 10 (the decrease no longer in flight), and the order took 8 of D1's 5.
+    expect(await waiting).toMatchObject({ ok: false, reason: "OUT_OF_STOCK" });
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
+    expect(await soldUnits(product.id)).toEqual({ stock: 5, units: 0 });
+  });
+});
+
 describe("an object that fails the call", () => {
   type StockStub = ReturnType<typeof stockObject>;
   type Mode = "overloaded" | "reply lost";
