@@ -121,10 +121,9 @@ describe("group commit of one product's orders", () => {
 
   it("one coupon on two parallel one-product orders: exactly one uses it", async () => {
     const product = await makeProduct({ price: 5_000, stock: 20 });
-    const user = await makeUser();
-    await fund(user.id, 100_000);
-    const token = await tokenFor(user.id);
-    const couponId = await grantCoupon(user.id, { discountValue: 1_000 });
+    const [user] = await buyers(1, 100_000);
+    const token = user!.token;
+    const couponId = await grantCoupon(user!.id, { discountValue: 1_000 });
     const results = await Promise.all([orderOne(token, product.id, { userCouponId: couponId }), orderOne(token, product.id, { userCouponId: couponId })]);
     expect(results.map((r) => r.status).sort()).toEqual([200, 400]);
     expect(results.find((r) => r.status === 400)!.body.code).toBe("COUPON_NOT_USABLE");
@@ -175,10 +174,9 @@ describe("group commit of one product's orders", () => {
 
   it("an order refused only for a coupon an earlier order of its group takes is priced again when that write fails", async () => {
     const product = await makeProduct({ price: 5_000, stock: 20 });
-    const user = await makeUser();
-    await fund(user.id, 100_000);
-    const token = await tokenFor(user.id);
-    const couponId = await grantCoupon(user.id, { discountValue: 1_000 });
+    const [user] = await buyers(1, 100_000);
+    const token = user!.token;
+    const couponId = await grantCoupon(user!.id, { discountValue: 1_000 });
     const withCoupon = () => orderOne(token, product.id, { userCouponId: couponId });
     // The group's write (the first order alone: the second waits for it) fails without landing.
     const [first, second] = await inNextGroup(product.id, [withCoupon, withCoupon], () => async () => {
@@ -188,31 +186,29 @@ describe("group commit of one product's orders", () => {
     // Before: 400 COUPON_NOT_USABLE "used by another order", for a coupon that stayed AVAILABLE.
     expect(second!.status).toBe(200);
     expect(second!.body).toMatchObject({ userCouponId: couponId, discountAmount: 1_000, paidAmount: 4_000 });
-    expect(await all("SELECT id FROM orders WHERE user_id = ?", user.id)).toEqual([{ id: second!.body.id }]);
+    expect(await all("SELECT id FROM orders WHERE user_id = ?", user!.id)).toEqual([{ id: second!.body.id }]);
     expect(await one("SELECT status, order_id FROM user_coupons WHERE id = ?", couponId)).toEqual({ status: "USED", order_id: second!.body.id });
-    expect(await walletInvariant(user.id)).toEqual({ balance: 96_000, ledger: 96_000, newest: 96_000 });
+    expect(await walletInvariant(user!.id)).toEqual({ balance: 96_000, ledger: 96_000, newest: 96_000 });
   });
 
   it("an order short only of what an earlier order of its group spends is priced again when that write fails", async () => {
     const product = await makeProduct({ price: 1_000, stock: 20 });
-    const user = await makeUser();
-    await fund(user.id, 1_500);
-    const token = await tokenFor(user.id);
+    const [user] = await buyers(1, 1_500);
+    const token = user!.token;
     const [first, second] = await inNextGroup(product.id, [() => orderOne(token, product.id), () => orderOne(token, product.id)], () => async () => {
       throw d1Down();
     });
     expectProblem(first!, 503, "SERVICE_UNAVAILABLE");
     // Before: 400 INSUFFICIENT_BALANCE, with the whole 1,500 still in the wallet.
     expect(second!.status).toBe(200);
-    expect(await walletInvariant(user.id)).toEqual({ balance: 500, ledger: 500, newest: 500 });
+    expect(await walletInvariant(user!.id)).toEqual({ balance: 500, ledger: 500, newest: 500 });
   });
 
   it("when that earlier order commits, the order that waited for it is refused in the next group", async () => {
     const product = await makeProduct({ price: 5_000, stock: 20 });
-    const user = await makeUser();
-    await fund(user.id, 100_000);
-    const token = await tokenFor(user.id);
-    const couponId = await grantCoupon(user.id, { discountValue: 1_000 });
+    const [user] = await buyers(1, 100_000);
+    const token = user!.token;
+    const couponId = await grantCoupon(user!.id, { discountValue: 1_000 });
     const withCoupon = () => orderOne(token, product.id, { userCouponId: couponId });
     const [first, second] = await inNextGroup(product.id, [withCoupon, withCoupon], (batch) => batch);
     expect(first!.status).toBe(200);
@@ -224,9 +220,8 @@ describe("group commit of one product's orders", () => {
 
   it("an order short of the balance even before its group spends any is refused at once, not made to wait", async () => {
     const product = await makeProduct({ price: 1_000, stock: 20 });
-    const user = await makeUser();
-    await fund(user.id, 1_500);
-    const token = await tokenFor(user.id);
+    const [user] = await buyers(1, 1_500);
+    const token = user!.token;
     const two = () => call("POST", "/api/orders", { token, body: { items: [{ productId: product.id, quantity: 2 }] } });
     const [first, second] = await inNextGroup(product.id, [() => orderOne(token, product.id), two], (batch) => batch);
     expect(first!.status).toBe(200);
@@ -691,10 +686,8 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     });
   }
 
-  it("a retry after a 503 that is then refused gives its units back at once: nothing of a failed request is held", async () => {
-    const product = await makeProduct({ price: 1_000, stock: 5 });
-    const [b] = await buyers(1, 500);
-    // The first run's claim-and-read batch commits, but its reply is lost: 503, its claim released.
+  /** The first run of `key`: its claim-and-read batch commits, but its reply is lost: 503, its claim released. */
+  async function firstRunReplyLost(token: string, productId: number, key: string) {
     let struck = false;
     const restore = inject(env.DB, "batch", (batch) =>
       (async (statements: D1PreparedStatement[]) => {
@@ -707,10 +700,16 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
       }) as typeof batch,
     );
     try {
-      expectProblem(await keyedOrder(b!.token, product.id, "retry-refused"), 503, "SERVICE_UNAVAILABLE");
+      expectProblem(await keyedOrder(token, productId, key), 503, "SERVICE_UNAVAILABLE");
     } finally {
       restore();
     }
+  }
+
+  it("a retry after a 503 that is then refused gives its units back at once: nothing of a failed request is held", async () => {
+    const product = await makeProduct({ price: 1_000, stock: 5 });
+    const [b] = await buyers(1, 500);
+    await firstRunReplyLost(b!.token, product.id, "retry-refused");
     // The retry takes the released claim over, holds a unit, and is refused on the balance: the unit is back
     // at once, not settled against D1 seconds later as if a crashed run might still commit it.
     expectProblem(await keyedOrder(b!.token, product.id, "retry-refused"), 400, "INSUFFICIENT_BALANCE");
@@ -722,24 +721,8 @@ describe("the Idempotency-Keys of one product's orders, claimed by its object", 
     const stub = stockObject(product.id);
     await stub.snapshot(product.id);
     const [b] = await buyers(1);
-    // The first run's claim-and-read batch commits, but its reply is lost: 503, its claim released. The retry
-    // then takes the key over in the Worker and asks the object to reserve under that claim.
-    let struck = false;
-    const restore = inject(env.DB, "batch", (batch) =>
-      (async (statements: D1PreparedStatement[]) => {
-        if (!struck && claimsAndReads(statements)) {
-          struck = true;
-          await batch(statements);
-          throw d1Down();
-        }
-        return batch(statements);
-      }) as typeof batch,
-    );
-    try {
-      expectProblem(await keyedOrder(b!.token, product.id, "alarm-refused"), 503, "SERVICE_UNAVAILABLE");
-    } finally {
-      restore();
-    }
+    // The retry then takes the key over in the Worker and asks the object to reserve under that claim.
+    await firstRunReplyLost(b!.token, product.id, "alarm-refused");
     await runInDurableObject(stub, (_instance, state) => {
       inject(state.storage, "setAlarm", () => () => Promise.reject(new Error("storage refused the alarm (injected)")));
     });

@@ -409,42 +409,13 @@ describe("POST /api/orders: runs of one idempotent request that overlap", () => 
     expect(await walletInvariant(user.id)).toEqual({ balance: 49_000, ledger: 49_000, newest: 49_000 });
   });
 
-  it("a slow first run with a coupon that commits between a retry's read and its write: the retry replays it", async () => {
-    const user = await buyer(50_000);
-    const [one_, two] = await Promise.all([makeProduct({ price: 1_000, stock: 10 }), makeProduct({ price: 2_000, stock: 10 })]);
-    const couponId = await grantCoupon(user.id, { discountValue: 500 });
-    const input = { items: [{ productId: one_.id, quantity: 1 }, { productId: two.id, quantity: 1 }], userCouponId: couponId };
-    const body = JSON.stringify(input);
-    const claim = await staleClaim(user.id, body);
-    // The retry takes the key over and reads (no order yet); the slow first run's batch lands just before the
-    // retry's own. Its duplicate breaks two UNIQUE indexes, and SQLite names the coupon's, not the key's.
-    let late: Promise<string> | null = null;
-    const restore = inject(env.DB, "batch", (batch) =>
-      (async (statements: D1PreparedStatement[]) => {
-        const writes = statements.some((st) => /^\s*INSERT INTO orders /.test((st as unknown as { statement?: string }).statement ?? ""));
-        if (writes && late === null) {
-          late = placeOrder({ env, clock: systemClock, queues: noQueues, defer: () => {}, claim }, user.id, input);
-          await late;
-        }
-        return batch(statements);
-      }) as typeof batch,
-    );
-    let retry;
-    try {
-      retry = await call("POST", "/api/orders", { token: user.token, body, headers: { "Idempotency-Key": claim.key } });
-    } finally {
-      restore();
-    }
-    // Before: 400 COUPON_NOT_USABLE, stored under the key for 24 h, while the order was placed and paid.
-    expect(retry.status).toBe(200);
-    expect(retry.text).toBe(await late!);
-    expect((await one<{ n: number }>("SELECT count(*) AS n FROM orders WHERE user_id = ?", user.id)).n).toBe(1);
-    expect(await walletInvariant(user.id)).toEqual({ balance: 47_500, ledger: 47_500, newest: 47_500 });
-    const replay = await call("POST", "/api/orders", { token: user.token, body, headers: { "Idempotency-Key": claim.key } });
-    expect(replay.text).toBe(retry.text);
-  });
-
-  it("the same, when the lookup that would tell the two apart fails: 503 with the claim kept, never a stored refusal", async () => {
+  /**
+   * A keyed order of two products with a coupon whose first run crashed (its claim's lock ran out). `retry()`
+   * sends it again: the retry takes the key over and reads (no order yet), and the slow first run's batch
+   * lands just before the retry's own (then `landed` runs). The retry's duplicate breaks two UNIQUE indexes,
+   * and SQLite names the coupon's, not the key's.
+   */
+  async function slowFirstRunWithCoupon(landed: () => void = () => {}) {
     const user = await buyer(50_000);
     const [one_, two] = await Promise.all([makeProduct({ price: 1_000, stock: 10 }), makeProduct({ price: 2_000, stock: 10 })]);
     const couponId = await grantCoupon(user.id, { discountValue: 500 });
@@ -452,38 +423,62 @@ describe("POST /api/orders: runs of one idempotent request that overlap", () => 
     const body = JSON.stringify(input);
     const claim = await staleClaim(user.id, body);
     let late: Promise<string> | null = null;
-    let lookupFails = false;
-    const restore = [
-      inject(env.DB, "batch", (batch) =>
+    const send = () => call("POST", "/api/orders", { token: user.token, body, headers: { "Idempotency-Key": claim.key } });
+    const retry = async () => {
+      const restore = inject(env.DB, "batch", (batch) =>
         (async (statements: D1PreparedStatement[]) => {
           const writes = statements.some((st) => /^\s*INSERT INTO orders /.test((st as unknown as { statement?: string }).statement ?? ""));
           if (!writes || late !== null) return batch(statements);
           late = placeOrder({ env, clock: systemClock, queues: noQueues, defer: () => {}, claim }, user.id, input);
           await late;
-          // The retry's own write now fails on the duplicate, and its lookup of the order key fails next.
-          lookupFails = true;
+          landed();
           return batch(statements);
         }) as typeof batch,
-      ),
-      inject(env.DB, "prepare", (prepare) =>
-        ((sql: string) => {
-          if (!lookupFails || !sql.includes("AS body FROM orders o WHERE o.order_key = ?")) return prepare(sql);
-          lookupFails = false;
-          return { bind: () => ({ first: async () => Promise.reject(new Error("D1_ERROR: Network connection lost (injected)")) }) };
-        }) as typeof prepare,
-      ),
-    ];
+      );
+      try {
+        return await send();
+      } finally {
+        restore();
+      }
+    };
+    return { user, claim, send, retry, late: () => late! };
+  }
+
+  it("a slow first run with a coupon that commits between a retry's read and its write: the retry replays it", async () => {
+    const run = await slowFirstRunWithCoupon();
+    const retry = await run.retry();
+    // Before: 400 COUPON_NOT_USABLE, stored under the key for 24 h, while the order was placed and paid.
+    expect(retry.status).toBe(200);
+    expect(retry.text).toBe(await run.late());
+    expect((await one<{ n: number }>("SELECT count(*) AS n FROM orders WHERE user_id = ?", run.user.id)).n).toBe(1);
+    expect(await walletInvariant(run.user.id)).toEqual({ balance: 47_500, ledger: 47_500, newest: 47_500 });
+    expect((await run.send()).text).toBe(retry.text);
+  });
+
+  it("the same, when the lookup that would tell the two apart fails: 503 with the claim kept, never a stored refusal", async () => {
+    // The retry's own write now fails on the duplicate, and its lookup of the order key fails next.
+    let lookupFails = false;
+    const run = await slowFirstRunWithCoupon(() => (lookupFails = true));
+    const restore = inject(env.DB, "prepare", (prepare) =>
+      ((sql: string) => {
+        if (!lookupFails || !sql.includes("AS body FROM orders o WHERE o.order_key = ?")) return prepare(sql);
+        lookupFails = false;
+        return { bind: () => ({ first: async () => Promise.reject(new Error("D1_ERROR: Network connection lost (injected)")) }) };
+      }) as typeof prepare,
+    );
     let retry;
     try {
-      retry = await call("POST", "/api/orders", { token: user.token, body, headers: { "Idempotency-Key": claim.key } });
+      retry = await run.retry();
     } finally {
-      restore.forEach((r) => r());
+      restore();
     }
     expectProblem(retry, 503, "SERVICE_UNAVAILABLE");
     expect(retry.body.detail).toBe("The order may or may not have been placed; retry with the same Idempotency-Key");
     // Kept for a retry to find the order (not DONE with a COUPON_NOT_USABLE to replay for 24 h).
-    expect(await one("SELECT state FROM idempotency_keys WHERE scope = ? AND key = ?", claim.scope, claim.key)).toEqual({ state: "IN_PROGRESS" });
-    expect((await one<{ n: number }>("SELECT count(*) AS n FROM orders WHERE user_id = ?", user.id)).n).toBe(1);
+    expect(await one("SELECT state FROM idempotency_keys WHERE scope = ? AND key = ?", run.claim.scope, run.claim.key)).toEqual({
+      state: "IN_PROGRESS",
+    });
+    expect((await one<{ n: number }>("SELECT count(*) AS n FROM orders WHERE user_id = ?", run.user.id)).n).toBe(1);
   });
 
   it("a slow first run that finishes after a retry took over does not place a second order", async () => {

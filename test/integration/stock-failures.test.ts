@@ -78,6 +78,40 @@ async function sellOneEach(productId: number, count: number) {
   return Promise.all(crowd.map((b) => call("POST", "/api/orders", { token: b.token, body: { items: [{ productId, quantity: 1 }] } })));
 }
 
+/**
+ * Routes the stock object's admin write (`adjust`'s UPDATE of the product) through `write`, which runs it
+ * (`run`) when it chooses and may then fail: its D1 reply lost, say.
+ */
+const interceptAdminWrite = (write: (run: () => Promise<unknown>) => Promise<unknown>) =>
+  inject(env.DB, "prepare", (prepare) =>
+    ((sql: string) => {
+      const statement = prepare(sql);
+      if (!sql.includes("UPDATE products SET stock = stock + ?1")) return statement;
+      return { bind: (...values: unknown[]) => ({ first: () => write(() => statement.bind(...values).first()) }) };
+    }) as typeof prepare,
+  );
+
+/** Fails every D1 batch while `isDown()` (the object's reads of D1 are batches; its admin write is not). */
+const batchesFailWhile = (isDown: () => boolean) =>
+  inject(env.DB, "batch", (batch) =>
+    (async (statements: D1PreparedStatement[]) => {
+      if (isDown()) throw d1Down();
+      return batch(statements);
+    }) as typeof batch,
+  );
+
+/**
+ * The error of a reservation refused by a failing D1, as text; caught here: handed to expect().rejects, an
+ * RPC promise's rejection is also reported unhandled, which fails the run.
+ */
+const reservationError = (productId: number, key: string) =>
+  stockObject(productId)
+    .reserve(productId, key, 1, 1)
+    .then(
+      () => "reserved",
+      (error: unknown) => String(error),
+    );
+
 describe("the settlement alarm", () => {
   it("outlasts D1 failing for longer than the runtime's alarm retries, then settles; the stock sells out exactly", async () => {
     const product = await makeProduct({ price: 100, stock: 3 });
@@ -194,23 +228,10 @@ describe("an admin stock change whose D1 reply is lost", () => {
     const product = await makeProduct({ price: 100, stock: 5 });
     const stub = stockObject(product.id);
     await stub.snapshot(product.id);
-    const restore = inject(env.DB, "prepare", (prepare) =>
-      ((sql: string) => {
-        const statement = prepare(sql);
-        if (!sql.includes("UPDATE products SET stock = stock + ?1")) return statement;
-        return {
-          bind: (...values: unknown[]) => {
-            const bound = statement.bind(...values);
-            return {
-              first: async () => {
-                await bound.first();
-                throw d1Down();
-              },
-            };
-          },
-        };
-      }) as typeof prepare,
-    );
+    const restore = interceptAdminWrite(async (run) => {
+      await run();
+      throw d1Down();
+    });
     let res;
     try {
       res = await call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: delta } });
@@ -237,30 +258,12 @@ describe("an admin stock change whose D1 reply is lost while D1 then stays down"
     // The change commits and its reply is lost; then D1 goes down, so the object's re-read fails too.
     let down = false;
     const restore = [
-      inject(env.DB, "prepare", (prepare) =>
-        ((sql: string) => {
-          const statement = prepare(sql);
-          if (!sql.includes("UPDATE products SET stock = stock + ?1")) return statement;
-          return {
-            bind: (...values: unknown[]) => {
-              const bound = statement.bind(...values);
-              return {
-                first: async () => {
-                  await bound.first();
-                  down = true;
-                  throw d1Down();
-                },
-              };
-            },
-          };
-        }) as typeof prepare,
-      ),
-      inject(env.DB, "batch", (batch) =>
-        (async (statements: D1PreparedStatement[]) => {
-          if (down) throw d1Down();
-          return batch(statements);
-        }) as typeof batch,
-      ),
+      interceptAdminWrite(async (run) => {
+        await run();
+        down = true;
+        throw d1Down();
+      }),
+      batchesFailWhile(() => down),
     ];
     try {
       const res = await call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: 3 } });
@@ -269,12 +272,7 @@ describe("an admin stock change whose D1 reply is lost while D1 then stays down"
       await stub.release(product.id, "held-through-outage");
       expect(await runInDurableObject(stub, (_instance, state) => state.storage.sql.exec("SELECT order_key FROM reservations").toArray())).toEqual([]);
       // ...but no new reservation is decided on numbers D1 may have moved.
-      // (Caught here, not with expect().rejects: an RPC promise handed to it is reported unhandled.)
-      const duringOutage = await stub.reserve(product.id, "during-outage", 1, 1).then(
-        () => null,
-        (error: unknown) => error,
-      );
-      expect(String(duringOutage)).toMatch(/Network connection lost/);
+      expect(await reservationError(product.id, "during-outage")).toMatch(/Network connection lost/);
     } finally {
       restore.forEach((r) => r());
     }
@@ -294,30 +292,12 @@ describe("an admin decrease while the object re-reads D1", () => {
     let down = false;
     const write = gate();
     const restore = [
-      inject(env.DB, "prepare", (prepare) =>
-        ((sql: string) => {
-          const statement = prepare(sql);
-          if (!sql.includes("UPDATE products SET stock = stock + ?1")) return statement;
-          return {
-            bind: (...values: unknown[]) => {
-              const bound = statement.bind(...values);
-              return {
-                first: async () => {
-                  stalled = true;
-                  await write.opened;
-                  return bound.first();
-                },
-              };
-            },
-          };
-        }) as typeof prepare,
-      ),
-      inject(env.DB, "batch", (batch) =>
-        (async (statements: D1PreparedStatement[]) => {
-          if (down) throw d1Down();
-          return batch(statements);
-        }) as typeof batch,
-      ),
+      interceptAdminWrite(async (run) => {
+        stalled = true;
+        await write.opened;
+        return run();
+      }),
+      batchesFailWhile(() => down),
     ];
     try {
       const patched = call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: -5 } });
@@ -333,11 +313,7 @@ describe("an admin decrease while the object re-reads D1", () => {
       // Before: 503 "may or may not have been applied" for a change D1 has.
       expect(res.status).toBe(200);
       expect(res.body).toMatchObject({ stock: 5 });
-      const duringOutage = await stub.reserve(product.id, "during-outage", 1, 1).then(
-        () => null,
-        (error: unknown) => error,
-      );
-      expect(String(duringOutage)).toMatch(/Network connection lost/);
+      expect(await reservationError(product.id, "during-outage")).toMatch(/Network connection lost/);
     } finally {
       restore.forEach((r) => r());
       write.open();
@@ -359,24 +335,11 @@ describe("a re-read whose answer arrives after an admin decrease it read before"
     const readReply = gate();
     const sqlOf = (st: D1PreparedStatement) => (st as unknown as { statement?: string }).statement ?? "";
     const restore = [
-      inject(env.DB, "prepare", (prepare) =>
-        ((sql: string) => {
-          const statement = prepare(sql);
-          if (!sql.includes("UPDATE products SET stock = stock + ?1")) return statement;
-          return {
-            bind: (...values: unknown[]) => {
-              const bound = statement.bind(...values);
-              return {
-                first: async () => {
-                  updateStalled = true;
-                  await update.opened;
-                  return bound.first();
-                },
-              };
-            },
-          };
-        }) as typeof prepare,
-      ),
+      interceptAdminWrite(async (run) => {
+        updateStalled = true;
+        await update.opened;
+        return run();
+      }),
       // The re-read runs in D1 at once (10 in stock, before the decrease) but its reply is held.
       inject(env.DB, "batch", (batch) =>
         (async (statements: D1PreparedStatement[]) => {
