@@ -60,7 +60,6 @@ export const ORDER_OUTCOME_UNKNOWN = "The order may or may not have been placed;
  * and an idempotency claim is kept rather than released, so a retry with the same key continues the same
  * effect instead of starting a second one.
  */
-
 export class OutcomeUnknownError extends AppError {
   constructor(detail: string, options?: { cause?: unknown }) {
     super("SERVICE_UNAVAILABLE", detail);
