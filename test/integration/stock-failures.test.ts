@@ -380,6 +380,55 @@ describe("a re-read whose answer arrives after an admin decrease it read before"
   });
 });
 
+describe("an admin decrease taken while a re-read is already reading D1", () => {
+  it("is counted taken by that re-read too, though it was not in flight when the read began", async () => {
+    const product = await makeProduct({ price: 100, stock: 10 });
+    const stub = stockObject(product.id);
+    await stub.snapshot(product.id);
+    let reads = 0;
+    let stalled = false;
+    const firstRead = gate();
+    const write = gate();
+    const restore = [
+      interceptAdminWrite(async (run) => {
+        stalled = true;
+        await write.opened;
+        return run();
+      }),
+      // The first re-read is held before it reaches D1; the ones after it run at once.
+      inject(env.DB, "batch", (batch) =>
+        (async (statements: D1PreparedStatement[]) => {
+          const snapshotRead = ((statements[0] as unknown as { statement?: string }).statement ?? "").startsWith("SELECT stock, max_per_user");
+          if (snapshotRead && ++reads === 1) await firstRead.opened;
+          return batch(statements);
+        }) as typeof batch,
+      ),
+    ];
+    let patched;
+    try {
+      const first = stub.resync(product.id);
+      await expect.poll(() => reads, { interval: 5 }).toBe(1);
+      // Queued behind it: a second re-read (a stock CHECK elsewhere, say) and the admin decrease. When the first
+      // ends, the second starts reading D1 (10, the decrease not yet written), then the decrease is taken.
+      const second = stub.resync(product.id);
+      patched = call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: -5 } });
+      firstRead.open();
+      await Promise.all([first, second]);
+      await expect.poll(() => stalled, { interval: 5 }).toBe(true);
+      // Before: the second re-read set 10, as the decrease was not in flight when it began.
+      expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
+      write.open();
+      expect((await patched).status).toBe(200);
+    } finally {
+      restore.forEach((r) => r());
+      firstRead.open();
+      write.open();
+    }
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
+    expect(await soldUnits(product.id)).toEqual({ stock: 5, units: 0 });
+  });
+});
+
 describe("an object that fails the call", () => {
   type StockStub = ReturnType<typeof stockObject>;
   type Mode = "overloaded" | "reply lost";
