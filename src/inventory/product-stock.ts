@@ -35,6 +35,11 @@ import { isCommitted, readProductSnapshot } from "./stock-ledger";
 // - One order key reserved twice (an idempotent retry that took over a slow first run which then
 //   committed): committed keys are remembered for two days, so a key is subtracted from stock once.
 // - D1 refuses an order on CHECK (stock >= 0), so this object was above D1: `resync` reloads it.
+// - An admin change fails or its reply is lost: `resync` too, never an undo of what D1 may have. A load
+//   counts every admin decrease in flight during its read as taken (errs low until the adjust re-reads).
+// - A re-read fails (D1 down): this life keeps settling what it holds, and decides nothing before it has
+//   read D1 again (`loadToDecide`, `loadToSettle`).
+// - The reservation cannot be made at all (a load or the alarm fails): a plain 503 (`couldNotReserve`).
 
 export type StockRefusal = "PRODUCT_NOT_FOUND" | "OUT_OF_STOCK" | "PURCHASE_LIMIT_EXCEEDED";
 
