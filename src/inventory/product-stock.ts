@@ -36,7 +36,8 @@ import { isCommitted, readProductSnapshot } from "./stock-ledger";
 //   committed): committed keys are remembered for two days, so a key is subtracted from stock once.
 // - D1 refuses an order on CHECK (stock >= 0), so this object was above D1: `resync` reloads it.
 // - An admin change fails or its reply is lost: `resync` too, never an undo of what D1 may have. A load
-//   counts every admin decrease in flight during its read as taken (errs low until the adjust re-reads).
+//   counts every admin decrease and tighter limit in flight during its read as made (errs on the safe side
+//   until the adjust re-reads).
 // - A re-read fails (D1 down): this life keeps settling what it holds, and decides nothing before it has
 //   read D1 again (`loadToDecide`, `loadToSettle`).
 // - The reservation cannot be made at all (a load or the alarm fails): a plain 503 (`couldNotReserve`).
@@ -78,6 +79,9 @@ const SETTLED_KEPT_MS = 2 * DAY_MS;
 const ALARM_RETRY_FIRST_MS = 1_000;
 const ALARM_RETRY_MAX_MS = 60_000;
 
+/** The tighter of two purchase limits; null is no limit. */
+const tighterOf = (a: number | null, b: number | null): number | null => (a === null ? b : b === null ? a : Math.min(a, b));
+
 /**
  * An order whose units could not be asked for (D1 unreadable on a load, the alarm refused by storage): nothing
  * was taken (a failed load takes nothing, a hold without its alarm is dropped) and nothing written, so it is a
@@ -110,6 +114,9 @@ export class ProductStock extends DurableObject<Env> {
   /** Units admin decreases took here whose D1 writes are still in flight, and all they ever took (see `adjust`). */
   private decreasesInFlight = 0;
   private decreasesStarted = 0;
+  /** Tighter purchase limits taken here whose D1 writes are in flight, and the tightest of them a load must keep. */
+  private limitsInFlight: number[] = [];
+  private limitForLoad: number | null = null;
   private orders: OrderGroup | null = null;
 
   constructor(ctx: DurableObjectState, env: Env) {
@@ -279,7 +286,14 @@ export class ProductStock extends DurableObject<Env> {
     const limit = patch.maxPerUser;
     const previousLimit = this.maxPerUser;
     const tighter = limit !== undefined && limit !== null && (previousLimit === null || limit < previousLimit);
-    if (tighter) this.maxPerUser = limit;
+    if (tighter) {
+      this.maxPerUser = limit;
+      this.limitsInFlight.push(limit);
+      if (this.loading) this.limitForLoad = tighterOf(this.limitForLoad, limit);
+    }
+    const limitWritten = () => {
+      if (tighter) this.limitsInFlight.splice(this.limitsInFlight.indexOf(limit), 1);
+    };
     // A decrease is taken before the write; a load reading D1 meanwhile counts it taken too (loadFromD1).
     const decrease = Math.max(0, -delta);
     this.stock -= decrease;
@@ -300,6 +314,7 @@ export class ProductStock extends DurableObject<Env> {
         .first<ProductRecord>();
     } catch (error) {
       this.decreasesInFlight -= decrease;
+      limitWritten();
       // Refused by D1's stock CHECK: nothing was written, so the change is undone here. Any other failure may
       // have committed (a reply lost): the object stays on the safe side (the decrease taken, a tighter limit
       // kept). Either way it then takes D1's numbers (undoing a lost +5 would keep it unsellable, a lost -5 on
@@ -314,6 +329,7 @@ export class ProductStock extends DurableObject<Env> {
       throw error;
     }
     this.decreasesInFlight -= decrease;
+    limitWritten();
     if (!row) {
       await this.tryResync(productId);
       throw new Error(`product ${productId} vanished from D1`);
@@ -602,6 +618,8 @@ export class ProductStock extends DurableObject<Env> {
     const leftovers = this.sql.exec<{ order_key: string }>("SELECT order_key FROM reservations").toArray().map((r) => r.order_key);
     const inFlight = this.decreasesInFlight;
     const startedBefore = this.decreasesStarted;
+    // Likewise every tighter limit in flight during the read (adjust lowers this while a load runs).
+    this.limitForLoad = this.limitsInFlight.reduce<number | null>(tighterOf, null);
     const snapshot = await readProductSnapshot(this.env.DB, productId, leftovers);
     if (!snapshot) return false;
     // D1's stock already holds what its committed entries did; the buyers' counts here do not yet.
@@ -612,7 +630,7 @@ export class ProductStock extends DurableObject<Env> {
     // Each admin decrease in flight at any moment of the read may or may not be in its snapshot: counted as
     // taken, erring low (the adjust reads D1 again after its write).
     this.stock = snapshot.stock - inFlight - (this.decreasesStarted - startedBefore);
-    this.maxPerUser = snapshot.maxPerUser;
+    this.maxPerUser = tighterOf(snapshot.maxPerUser, this.limitForLoad);
     this.loads += 1;
     this.reserved = this.sql
       .exec<{ total: number }>("SELECT coalesce(sum(quantity), 0) AS total FROM reservations WHERE kind = 'SALE'")

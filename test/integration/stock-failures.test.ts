@@ -323,8 +323,13 @@ describe("an admin decrease while the object re-reads D1", () => {
   });
 });
 
-describe("a re-read whose answer arrives after an admin decrease it read before", () => {
-  it("counts the decrease taken: an order waiting on that re-read cannot take units D1 no longer has", async () => {
+describe("a re-read whose answer arrives after an admin change it read before", () => {
+  // The change commits and answers between the re-read's D1 read (before the change) and its reply; an order
+  // waits on that re-read. Before: the re-read put back the old numbers (the change no longer in flight).
+  it.each([
+    { change: { stockDelta: -5 }, quantity: 8, refused: "OUT_OF_STOCK", after: { stock: 5, reserved: 0, available: 5 } },
+    { change: { maxPerUser: 2 }, quantity: 3, refused: "PURCHASE_LIMIT_EXCEEDED", after: { stock: 10, reserved: 0, available: 10 } },
+  ])("$change: counted as made, so the waiting order of $quantity is refused $refused", async ({ change, quantity, refused, after }) => {
     const product = await makeProduct({ price: 100, stock: 10 });
     const stub = stockObject(product.id);
     await stub.snapshot(product.id);
@@ -340,7 +345,7 @@ describe("a re-read whose answer arrives after an admin decrease it read before"
         await update.opened;
         return run();
       }),
-      // The re-read runs in D1 at once (10 in stock, before the decrease) but its reply is held.
+      // The re-read runs in D1 at once (before the change) but its reply is held.
       inject(env.DB, "batch", (batch) =>
         (async (statements: D1PreparedStatement[]) => {
           if (!holdRead || !sqlOf(statements[0]!).startsWith("SELECT stock, max_per_user FROM products")) return batch(statements);
@@ -354,17 +359,18 @@ describe("a re-read whose answer arrives after an admin decrease it read before"
     ];
     let waiting;
     try {
-      const patched = call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: -5 } });
+      const patched = call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: change });
       await expect.poll(() => updateStalled, { interval: 5 }).toBe(true);
       const resynced = stub.resync(product.id);
       await expect.poll(() => readDone, { interval: 5 }).toBe(true);
-      // An order of 8 arrives and waits for that re-read; then the decrease commits (D1: 5) and its answer
-      // comes back before the re-read's.
-      waiting = stub.reserve(product.id, "waits-on-the-re-read", 8, 1);
+      waiting = stub.reserve(product.id, "waits-on-the-re-read", quantity, 1);
       update.open();
-      const decreasesInFlight = () =>
-        runInDurableObject(stub, (instance) => (instance as unknown as { decreasesInFlight: number }).decreasesInFlight);
-      await expect.poll(decreasesInFlight, { interval: 5 }).toBe(0);
+      const inFlight = () =>
+        runInDurableObject(stub, (instance) => {
+          const object = instance as unknown as { decreasesInFlight: number; limitsInFlight: number[] };
+          return object.decreasesInFlight + object.limitsInFlight.length;
+        });
+      await expect.poll(inFlight, { interval: 5 }).toBe(0);
       readReply.open();
       await resynced;
       expect((await patched).status).toBe(200);
@@ -373,10 +379,8 @@ describe("a re-read whose answer arrives after an admin decrease it read before"
       update.open();
       readReply.open();
     }
-    // Before: the re-read set 10 (the decrease no longer in flight), and the order took 8 of D1's 5.
-    expect(await waiting).toMatchObject({ ok: false, reason: "OUT_OF_STOCK" });
-    expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
-    expect(await soldUnits(product.id)).toEqual({ stock: 5, units: 0 });
+    expect(await waiting).toMatchObject({ ok: false, reason: refused });
+    expect(await stub.snapshot(product.id)).toEqual(after);
   });
 });
 
