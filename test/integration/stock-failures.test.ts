@@ -91,6 +91,22 @@ const interceptAdminWrite = (write: (run: () => Promise<unknown>) => Promise<unk
     }) as typeof prepare,
   );
 
+/** The object's admin write held until `release()`; `held()` once it is waiting. */
+function stalledAdminWrite() {
+  let held = false;
+  const write = gate();
+  const restore = interceptAdminWrite(async (run) => {
+    held = true;
+    await write.opened;
+    return run();
+  });
+  return { held: () => held, release: write.open, restore };
+}
+
+/** A batch that is the stock object's read of D1 (its snapshot of the product and its open entries). */
+const readsSnapshot = (statements: D1PreparedStatement[]) =>
+  ((statements[0] as unknown as { statement?: string }).statement ?? "").startsWith("SELECT stock, max_per_user FROM products");
+
 /** Fails every D1 batch while `isDown()` (the object's reads of D1 are batches; its admin write is not). */
 const batchesFailWhile = (isDown: () => boolean) =>
   inject(env.DB, "batch", (batch) =>
@@ -288,27 +304,19 @@ describe("an admin decrease while the object re-reads D1", () => {
     const product = await makeProduct({ price: 100, stock: 10 });
     const stub = stockObject(product.id);
     await stub.snapshot(product.id);
-    let stalled = false;
     let down = false;
-    const write = gate();
-    const restore = [
-      interceptAdminWrite(async (run) => {
-        stalled = true;
-        await write.opened;
-        return run();
-      }),
-      batchesFailWhile(() => down),
-    ];
+    const write = stalledAdminWrite();
+    const restore = [write.restore, batchesFailWhile(() => down)];
     try {
       const patched = call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: -5 } });
-      await expect.poll(() => stalled, { interval: 5 }).toBe(true);
+      await expect.poll(write.held, { interval: 5 }).toBe(true);
       // A re-read (a stock CHECK elsewhere, say) reads D1 before the write commits: 10 there, 5 of them taken.
       await stub.resync(product.id);
       // Before: 10 on offer again while D1 was about to have 5.
       expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
       // The write commits; the re-read it then owes (one ran during it) fails: D1 is down.
       down = true;
-      write.open();
+      write.release();
       const res = await patched;
       // Before: 503 "may or may not have been applied" for a change D1 has.
       expect(res.status).toBe(200);
@@ -316,7 +324,7 @@ describe("an admin decrease while the object re-reads D1", () => {
       expect(await reservationError(product.id, "during-outage")).toMatch(/Network connection lost/);
     } finally {
       restore.forEach((r) => r());
-      write.open();
+      write.release();
     }
     expect(await stub.reserve(product.id, "after-outage", 1, 1)).toMatchObject({ ok: true, available: 4 });
     expect(await soldUnits(product.id)).toEqual({ stock: 5, units: 0 });
@@ -333,22 +341,16 @@ describe("a re-read whose answer arrives after an admin change it read before", 
     const product = await makeProduct({ price: 100, stock: 10 });
     const stub = stockObject(product.id);
     await stub.snapshot(product.id);
-    let updateStalled = false;
     let readDone = false;
     let holdRead = true;
-    const update = gate();
+    const update = stalledAdminWrite();
     const readReply = gate();
-    const sqlOf = (st: D1PreparedStatement) => (st as unknown as { statement?: string }).statement ?? "";
     const restore = [
-      interceptAdminWrite(async (run) => {
-        updateStalled = true;
-        await update.opened;
-        return run();
-      }),
+      update.restore,
       // The re-read runs in D1 at once (before the change) but its reply is held.
       inject(env.DB, "batch", (batch) =>
         (async (statements: D1PreparedStatement[]) => {
-          if (!holdRead || !sqlOf(statements[0]!).startsWith("SELECT stock, max_per_user FROM products")) return batch(statements);
+          if (!holdRead || !readsSnapshot(statements)) return batch(statements);
           holdRead = false;
           const result = await batch(statements);
           readDone = true;
@@ -360,11 +362,11 @@ describe("a re-read whose answer arrives after an admin change it read before", 
     let waiting;
     try {
       const patched = call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: change });
-      await expect.poll(() => updateStalled, { interval: 5 }).toBe(true);
+      await expect.poll(update.held, { interval: 5 }).toBe(true);
       const resynced = stub.resync(product.id);
       await expect.poll(() => readDone, { interval: 5 }).toBe(true);
       waiting = stub.reserve(product.id, "waits-on-the-re-read", quantity, 1);
-      update.open();
+      update.release();
       const inFlight = () =>
         runInDurableObject(stub, (instance) => {
           const object = instance as unknown as { decreasesInFlight: number; limitsInFlight: number[] };
@@ -376,7 +378,7 @@ describe("a re-read whose answer arrives after an admin change it read before", 
       expect((await patched).status).toBe(200);
     } finally {
       restore.forEach((r) => r());
-      update.open();
+      update.release();
       readReply.open();
     }
     expect(await waiting).toMatchObject({ ok: false, reason: refused });
@@ -390,20 +392,14 @@ describe("an admin decrease taken while a re-read is already reading D1", () => 
     const stub = stockObject(product.id);
     await stub.snapshot(product.id);
     let reads = 0;
-    let stalled = false;
     const firstRead = gate();
-    const write = gate();
+    const write = stalledAdminWrite();
     const restore = [
-      interceptAdminWrite(async (run) => {
-        stalled = true;
-        await write.opened;
-        return run();
-      }),
+      write.restore,
       // The first re-read is held before it reaches D1; the ones after it run at once.
       inject(env.DB, "batch", (batch) =>
         (async (statements: D1PreparedStatement[]) => {
-          const snapshotRead = ((statements[0] as unknown as { statement?: string }).statement ?? "").startsWith("SELECT stock, max_per_user");
-          if (snapshotRead && ++reads === 1) await firstRead.opened;
+          if (readsSnapshot(statements) && ++reads === 1) await firstRead.opened;
           return batch(statements);
         }) as typeof batch,
       ),
@@ -418,15 +414,15 @@ describe("an admin decrease taken while a re-read is already reading D1", () => 
       patched = call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: -5 } });
       firstRead.open();
       await Promise.all([first, second]);
-      await expect.poll(() => stalled, { interval: 5 }).toBe(true);
+      await expect.poll(write.held, { interval: 5 }).toBe(true);
       // Before: the second re-read set 10, as the decrease was not in flight when it began.
       expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
-      write.open();
+      write.release();
       expect((await patched).status).toBe(200);
     } finally {
       restore.forEach((r) => r());
       firstRead.open();
-      write.open();
+      write.release();
     }
     expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
     expect(await soldUnits(product.id)).toEqual({ stock: 5, units: 0 });
