@@ -15,13 +15,15 @@ import { compareObjects, readValues, withTimeout, type ObjectAudit, type ObjectO
 // Each coupon's issued_count equals its user_coupons rows and never passes total_quantity, nobody holds it
 // twice (UNIQUE makes that impossible in D1; counted all the same), and its gate objects, when live and
 // settled, count what D1 counts. A coupon of N shards has N gates (src/coupons/shards.ts): each is asked,
-// and their counts summed, since D1 keeps one count per coupon. For the first sharded coupons the check
+// and their counts summed and compared with the coupon's count, which its shards' own counts in D1
+// (coupon_shard_counts) must sum to. For the first sharded coupons the check
 // also lists each shard's figures (docs/sharded-coupons.md): reported, not judged.
 const COUPONS_PAGE = `
   SELECT c.id, c.issued_count AS issuedCount, c.total_quantity AS totalQuantity, c.shards,
     (SELECT count(*) FROM user_coupons u WHERE u.coupon_id = c.id) AS rowCount,
     (SELECT count(*) FROM (SELECT 1 FROM user_coupons u WHERE u.coupon_id = c.id
-                           GROUP BY u.user_id HAVING count(*) > 1)) AS heldTwice
+                           GROUP BY u.user_id HAVING count(*) > 1)) AS heldTwice,
+    (SELECT coalesce(sum(s.issued_count), 0) FROM coupon_shard_counts s WHERE s.coupon_id = c.id) AS shardCounted
   FROM coupons c WHERE c.id > ?1 ORDER BY c.id LIMIT ?2`;
 
 const ISSUED_COUNTS = "SELECT id, issued_count AS value FROM coupons WHERE id IN (SELECT value FROM json_each(?))";
@@ -33,6 +35,8 @@ interface CouponRow {
   shards: number;
   rowCount: number;
   heldTwice: number;
+  /** The sum of its shards' own counts in D1 (coupon_shard_counts), for a coupon of several shards. */
+  shardCounted: number;
 }
 
 /** The coupon's gates together: the sum of their counts; settled only if every one is live and settled. */
@@ -153,4 +157,7 @@ function judgeCoupon(check: Check, c: CouponRow): void {
   if (c.issuedCount !== c.rowCount) check.violation({ ...numbers, kind: "COUNT_NOT_ROWS" });
   if (c.issuedCount > c.totalQuantity || c.rowCount > c.totalQuantity) check.violation({ ...numbers, kind: "OVER_TOTAL" });
   if (c.heldTwice > 0) check.violation({ couponId: c.id, kind: "HELD_TWICE", users: c.heldTwice });
+  if (c.shards > 1 && c.shardCounted !== c.issuedCount) {
+    check.violation({ couponId: c.id, kind: "SHARD_COUNTS_NOT_COUNT", issuedCount: c.issuedCount, shardCounts: c.shardCounted });
+  }
 }

@@ -51,9 +51,9 @@ import { gateName, initialQuota, shardOf } from "./shards";
 //
 // A coupon of several shards (docs/sharded-coupons.md) has one such object per shard, each deciding for the
 // users routed to it exactly as above, against its own quota instead of the total: `coupon.issued_count` is
-// then the shard's own count (issued and pending), and D1's count is the sum over shards, so waking checks
-// only the pending admissions (a late batch is still caught by D1's UNIQUE and CHECK, and a CHECK refusal
-// means the whole coupon is sold out). A shard with no free quota parks its requests and asks its siblings,
+// then the shard's own count (issued and pending). D1's coupon row counts every shard, and each shard's
+// batch also bumps the shard's own row of coupon_shard_counts, which is what its reconciliation compares
+// with (a late batch is caught as above; a CHECK refusal means the whole coupon is sold out). A shard with no free quota parks its requests and asks its siblings,
 // one at a time, for just as many pieces as it has parked requests (shard-quota.ts: a durable, exactly-once
 // transfer), so every piece in transit is bound for an admission; when every sibling has answered none, the
 // parked requests are sold out and the shard refuses at once for DRY_MS. A sibling that cannot answer makes
@@ -396,12 +396,14 @@ export class CouponGate extends DurableObject<Env> {
 
   // Learns the outcome of every pending admission from D1 and applies it: committed stays a holder,
   // anything else is undone. Runs when no batch is in flight and no request can admit, so the object's
-  // count must then equal D1's; when it does not, D1 is right and the state is rebuilt from it.
+  // count must then equal D1's (the coupon's, or this shard's own); when it does not, D1 is right and the
+  // state is rebuilt from it.
   private async reconcilePending(couponId: number): Promise<boolean> {
     while (this.flushing) await this.drained;
     if (!this.trusts(couponId)) return this.rebuild(await readGateSnapshot(this.env.DB, couponId));
     const pending = this.sql.exec<{ user_id: number }>("SELECT user_id FROM pending").toArray().map((r) => r.user_id);
-    const outcome = await readPendingOutcome(this.env.DB, couponId, pending);
+    const sharded = this.terms().shards > 1;
+    const outcome = await readPendingOutcome(this.env.DB, couponId, pending, sharded ? this.shard : undefined);
     if (!outcome) return this.rebuild(null);
     this.ctx.storage.transactionSync(() => {
       for (const userId of pending) {
@@ -410,25 +412,20 @@ export class CouponGate extends DurableObject<Env> {
       }
     });
     const count = this.terms().issued_count;
-    if (outcome.coupon.shards > 1) {
-      // D1 counts every shard: this shard's own count stands (see the header).
-      this.ctx.storage.transactionSync(() => {
-        this.sql.exec("DELETE FROM coupon");
-        this.insertTerms({ ...outcome.coupon, issued_count: count });
-      });
-      return true;
-    }
-    if (count !== outcome.coupon.issued_count) {
+    // D1's coupon row counts every shard; a shard compares its own count, kept beside it.
+    const d1Count = sharded ? outcome.shardIssuedCount : outcome.coupon.issued_count;
+    if (count !== d1Count) {
       log("warn", "coupon gate disagrees with D1; rebuilding from it", {
         couponId,
+        shard: this.shard,
         objectCount: count,
-        d1Count: outcome.coupon.issued_count,
+        d1Count,
       });
       return this.rebuild(await readGateSnapshot(this.env.DB, couponId));
     }
     this.ctx.storage.transactionSync(() => {
       this.sql.exec("DELETE FROM coupon");
-      this.insertTerms(outcome.coupon);
+      this.insertTerms({ ...outcome.coupon, issued_count: count });
     });
     return true;
   }
@@ -494,7 +491,8 @@ export class CouponGate extends DurableObject<Env> {
     const coupon = this.terms();
     let ids: (number | null)[];
     try {
-      ids = issuedIds(await this.env.DB.batch(issueStatements(this.env.DB, coupon.id, group)), group.length);
+      const statements = issueStatements(this.env.DB, coupon.id, group, coupon.shards > 1 ? this.shard : undefined);
+      ids = issuedIds(await this.env.DB.batch(statements), group.length);
     } catch (error) {
       if (!isConstraintViolation(error, "constraint failed")) return this.unknownOutcome(group, error);
       // D1 rolled the batch back, and one row breaking a constraint fails all of it: retry each alone,

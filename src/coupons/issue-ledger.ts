@@ -52,13 +52,20 @@ export interface PendingOutcome {
   coupon: CouponTerms;
   /** Those of the asked users who hold the coupon in D1. */
   committed: Set<number>;
+  /** When a shard was named: D1's count of that shard's issues (coupon_shard_counts; 0 before its first). */
+  shardIssuedCount: number | null;
 }
 
 /**
  * The coupon and which of `userIds` hold it, or null when there is no such coupon: O(userIds) rows read,
- * each user found through the UNIQUE (coupon_id, user_id) index.
+ * each user found through the UNIQUE (coupon_id, user_id) index. With `shard`, also that shard's count.
  */
-export async function readPendingOutcome(db: D1Database, couponId: number, userIds: number[]): Promise<PendingOutcome | null> {
+export async function readPendingOutcome(
+  db: D1Database,
+  couponId: number,
+  userIds: number[],
+  shard?: number,
+): Promise<PendingOutcome | null> {
   const lookup = db.prepare(
     "SELECT user_id FROM user_coupons WHERE coupon_id = ? AND user_id IN (SELECT value FROM json_each(?))",
   );
@@ -66,32 +73,50 @@ export async function readPendingOutcome(db: D1Database, couponId: number, userI
   for (let i = 0; i < userIds.length; i += IDS_PER_LOOKUP) {
     lookups.push(lookup.bind(couponId, JSON.stringify(userIds.slice(i, i + IDS_PER_LOOKUP))));
   }
-  // One transaction again: the count and the pending users' rows come from the same moment.
-  const [coupon, ...found] = await db.batch<Record<string, unknown>>([db.prepare(COUPON_TERMS).bind(couponId), ...lookups]);
+  const shardCount =
+    shard === undefined
+      ? []
+      : [db.prepare("SELECT issued_count FROM coupon_shard_counts WHERE coupon_id = ? AND shard = ?").bind(couponId, shard)];
+  // One transaction again: the counts and the pending users' rows come from the same moment.
+  const [coupon, ...rest] = await db.batch<Record<string, unknown>>([db.prepare(COUPON_TERMS).bind(couponId), ...lookups, ...shardCount]);
   const row = coupon?.results[0] as CouponTerms | undefined;
   if (!row) return null;
-  return { coupon: row, committed: new Set(found.flatMap((r) => r.results.map((u) => u.user_id as number))) };
+  const found = rest.slice(0, lookups.length);
+  const shardRow = shard === undefined ? undefined : rest.at(-1)?.results[0];
+  return {
+    coupon: row,
+    committed: new Set(found.flatMap((r) => r.results.map((u) => u.user_id as number))),
+    shardIssuedCount: shard === undefined ? null : ((shardRow?.issued_count as number | undefined) ?? 0),
+  };
 }
 
 /**
- * One group commit: a user_coupons row per issue and one bump of issued_count, as one transaction.
- * A row for a user that does not exist is skipped rather than failing the batch for its neighbours,
- * and the count adds only the users that exist, so it always equals the rows written.
+ * One group commit: a user_coupons row per issue and one bump of issued_count, as one transaction; a shard
+ * of a sharded coupon also bumps its own count. A row for a user that does not exist is skipped rather than
+ * failing the batch for its neighbours, and the counts add only the users that exist, so they always equal
+ * the rows written.
  */
-export function issueStatements(db: D1Database, couponId: number, issues: PendingIssue[]): D1PreparedStatement[] {
+export function issueStatements(db: D1Database, couponId: number, issues: PendingIssue[], shard?: number): D1PreparedStatement[] {
   const insert = db.prepare(
     `INSERT INTO user_coupons (coupon_id, user_id, status, issued_at, expires_at)
      SELECT ?, id, 'AVAILABLE', ?, ? FROM users WHERE id = ?
      RETURNING id`,
   );
-  const bump = db
-    .prepare(
-      `UPDATE coupons
-       SET issued_count = issued_count + (SELECT count(*) FROM users WHERE id IN (SELECT value FROM json_each(?)))
-       WHERE id = ?`,
-    )
-    .bind(JSON.stringify(issues.map((i) => i.userId)), couponId);
-  return [...issues.map((i) => insert.bind(couponId, i.issuedAt, i.expiresAt, i.userId)), bump];
+  const userIds = JSON.stringify(issues.map((i) => i.userId));
+  const existing = "(SELECT count(*) FROM users WHERE id IN (SELECT value FROM json_each(?)))";
+  const bump = db.prepare(`UPDATE coupons SET issued_count = issued_count + ${existing} WHERE id = ?`).bind(userIds, couponId);
+  const bumpShard =
+    shard === undefined
+      ? []
+      : [
+          db
+            .prepare(
+              `INSERT INTO coupon_shard_counts (coupon_id, shard, issued_count) VALUES (?, ?, ${existing})
+               ON CONFLICT (coupon_id, shard) DO UPDATE SET issued_count = issued_count + excluded.issued_count`,
+            )
+            .bind(couponId, shard, userIds),
+        ];
+  return [...issues.map((i) => insert.bind(couponId, i.issuedAt, i.expiresAt, i.userId)), bump, ...bumpShard];
 }
 
 /** The new user_coupons id of each issue, in order; null where the user does not exist. */

@@ -151,6 +151,25 @@ export const coupons = sqliteTable(
   ],
 );
 
+/**
+ * Of a coupon served by several gate objects (shards > 1), each shard's own issued count: bumped by the same
+ * group commit that bumps `coupons.issued_count`, so a shard waking can compare its count with D1's in one
+ * row read, as a single gate compares the coupon's (src/coupons/coupon-gate.ts). Sums to issued_count.
+ */
+export const couponShardCounts = sqliteTable(
+  "coupon_shard_counts",
+  {
+    couponId: integer("coupon_id").notNull().references(() => coupons.id),
+    shard: integer("shard").notNull(),
+    issuedCount: integer("issued_count").notNull(),
+  },
+  (t) => [
+    primaryKey({ columns: [t.couponId, t.shard] }),
+    check("coupon_shard_counts_shard", sql`${t.shard} >= 0 AND ${t.shard} < 64`),
+    check("coupon_shard_counts_issued", sql`${t.issuedCount} >= 0`),
+  ],
+);
+
 export const userCoupons = sqliteTable(
   "user_coupons",
   {

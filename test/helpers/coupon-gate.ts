@@ -80,9 +80,9 @@ export async function gateStorage(couponId: number) {
   });
 }
 
-/** Which of `userIds` the gate's storage names as holders. */
-export async function gateHolds(couponId: number, userIds: number[]): Promise<number[]> {
-  return runInDurableObject(gateOf(couponId), (_instance, state) =>
+/** Which of `userIds` the gate's storage (of shard `shard`) names as holders. */
+export async function gateHolds(couponId: number, userIds: number[], shard = 0): Promise<number[]> {
+  return runInDurableObject(shardGateOf(couponId, shard), (_instance, state) =>
     state.storage.sql
       .exec<{ user_id: number }>(
         "SELECT user_id FROM holders WHERE user_id IN (SELECT value FROM json_each(?)) ORDER BY user_id",

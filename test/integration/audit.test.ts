@@ -203,11 +203,30 @@ describe("GET /api/admin/audit", () => {
       expect(report.ok).toBe(false);
       expect(checkOf(report, "coupons").samples).toEqual([
         { couponId: coupon.id, kind: "COUNT_NOT_ROWS", issuedCount: 11, rows: 12, totalQuantity: 12 },
+        { couponId: coupon.id, kind: "SHARD_COUNTS_NOT_COUNT", issuedCount: 11, shardCounts: 12 },
         { couponId: coupon.id, kind: "GATE_DISAGREES", issuedCount: 11, gateIssuedCount: 12 },
       ]);
       othersClean(report, "coupons");
     } finally {
       await env.DB.prepare("UPDATE coupons SET issued_count = 12 WHERE id = ?").bind(coupon.id).run();
+    }
+    expect((await audit()).ok).toBe(true);
+
+    // One shard's own count in D1 changed behind its back.
+    const shardCount = (delta: number) =>
+      env.DB.prepare("UPDATE coupon_shard_counts SET issued_count = issued_count + ? WHERE coupon_id = ? AND shard = 1")
+        .bind(delta, coupon.id)
+        .run();
+    await shardCount(1);
+    try {
+      const report = await audit();
+      expect(report.ok).toBe(false);
+      expect(checkOf(report, "coupons").samples).toEqual([
+        { couponId: coupon.id, kind: "SHARD_COUNTS_NOT_COUNT", issuedCount: 12, shardCounts: 13 },
+      ]);
+      othersClean(report, "coupons");
+    } finally {
+      await shardCount(-1);
     }
     expect((await audit()).ok).toBe(true);
   });

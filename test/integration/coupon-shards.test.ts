@@ -4,12 +4,14 @@ import { abortAllDurableObjects, evictDurableObject, runDurableObjectAlarm } fro
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import type { GiveRequest, IssueRequest } from "../../src/coupons/coupon-gate";
+import { issueStatements } from "../../src/coupons/issue-ledger";
 import { shardOf } from "../../src/coupons/shards";
 import { adminToken, call } from "../helpers/api";
 import {
   bulkUsers,
   codes,
   countRowsRead,
+  gateHolds,
   issueAll,
   ledger,
   mixedIssueStorm,
@@ -20,13 +22,27 @@ import {
 } from "../helpers/coupon-gate";
 import { d1Down, gate, inject } from "../helpers/faults";
 
-/** D1 holds exactly `issued` pieces, one per holder, and the objects agree: nothing pending, in transit or created. */
+/** D1's count of each shard's issues (coupon_shard_counts), shard by shard; 0 for a shard without a row. */
+async function shardCountsInD1(couponId: number, shards: number): Promise<number[]> {
+  const { results } = await env.DB.prepare("SELECT shard, issued_count FROM coupon_shard_counts WHERE coupon_id = ?")
+    .bind(couponId)
+    .all<{ shard: number; issued_count: number }>();
+  return Array.from({ length: shards }, (_, shard) => results.find((r) => r.shard === shard)?.issued_count ?? 0);
+}
+
+/**
+ * D1 holds exactly `issued` pieces, one per holder, counted per shard as its users' rows; the objects agree,
+ * each shard with its own count in D1: nothing pending, in transit or created.
+ */
 async function expectExact(couponId: number, shards: number, total: number, issued: number) {
   const d1 = await ledger(couponId);
   expect(d1).toMatchObject({ issuedCount: issued, distinct: issued });
   expect(d1.rows).toHaveLength(issued);
+  const perShard = await shardCountsInD1(couponId, shards);
+  expect(perShard).toEqual(Array.from({ length: shards }, (_, shard) => d1.holders.filter((id) => shardOf(id, shards) === shard).length));
   const objects = await shardsOverview(couponId, shards);
   expect(objects).toMatchObject({ quota: total, inTransit: 0, openIntents: 0, issued, holders: issued, pending: 0 });
+  expect(objects.each.map((s) => s.issuedCount)).toEqual(perShard);
   for (const s of objects.each) expect(s.issuedCount).toBeLessThanOrEqual(s.quota ?? 0);
   return { d1, objects };
 }
@@ -254,6 +270,47 @@ describe("a quota transfer interrupted at each step loses no piece and creates n
     await settleAndCheck(couponId, 2);
     expect(codes(await issueAll(couponId, users.slice(2)))).toEqual({ OK: 2 });
     await expectExact(couponId, 4, 8, 4);
+  });
+});
+
+describe("D1's count of each shard", () => {
+  it("a batch that lands after its shard reconciled it away: the shard's next life sees D1 count more and rebuilds", async () => {
+    const coupon = await makeShardedCoupon(4, 8);
+    const pool = await bulkUsers(120);
+    const on = (shard: number) => pool.filter((id) => shardOf(id, 4) === shard);
+    const late = on(1)[0]!;
+    expect(codes(await issueAll(coupon.id, [0, 1, 2, 3].map((shard) => on(shard)[1]!)))).toEqual({ OK: 4 });
+    // An earlier life's batch for `late` lands now: D1 has the row and both counts, shard 1's storage has
+    // nothing (its reconciliation found no row and undid the admission).
+    const issuedAt = new Date().toISOString();
+    await env.DB.batch(issueStatements(env.DB, coupon.id, [{ userId: late, issuedAt, expiresAt: "2099-01-01T00:00:00.000Z" }], 1));
+    await evictDurableObject(shardGateOf(coupon.id, 1));
+
+    // Shard 1's next life: 2 holders of its quota of 2 (no phantom free piece), so its newcomer is served
+    // from a sibling's; the coupon then holds exactly the total, and the objects count what D1 counts.
+    const rest = [on(1)[2]!, on(2)[2]!, on(3)[2]!];
+    expect(codes(await issueAll(coupon.id, rest))).toEqual({ OK: 3 });
+    await expectExact(coupon.id, 4, 8, 8);
+    expect(await gateHolds(coupon.id, [late], 1)).toEqual([late]);
+    expect((await issueAll(coupon.id, [late]))[0]!.body.code).toBe("COUPON_ALREADY_ISSUED");
+  });
+
+  it("migration 0008's backfill gives every shard the count its own batches keep", async () => {
+    const coupon = await makeShardedCoupon(16, 300);
+    const users = await bulkUsers(400);
+    expect(codes(await issueAll(coupon.id, users.slice(0, 250)))).toEqual({ OK: 250 });
+    const migration = env.TEST_MIGRATIONS.find((m) => m.name.startsWith("0008_"))!;
+    const backfill = migration.queries.find((q) => q.includes("INSERT INTO `coupon_shard_counts`"))!;
+    const select = /SELECT[\s\S]*GROUP BY 1, 2/.exec(backfill)![0];
+    const { results } = await env.DB.prepare(
+      `WITH backfill (coupon_id, shard, issued_count) AS (${select})
+       SELECT shard, issued_count FROM backfill WHERE coupon_id = ? ORDER BY shard`,
+    )
+      .bind(coupon.id)
+      .all<{ shard: number; issued_count: number }>();
+    const kept = await shardCountsInD1(coupon.id, 16);
+    expect(kept.reduce((n, c) => n + c, 0)).toBe(250);
+    expect(Array.from({ length: 16 }, (_, shard) => results.find((r) => r.shard === shard)?.issued_count ?? 0)).toEqual(kept);
   });
 });
 
