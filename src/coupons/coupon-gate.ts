@@ -400,7 +400,7 @@ export class CouponGate extends DurableObject<Env> {
   // state is rebuilt from it.
   private async reconcilePending(couponId: number): Promise<boolean> {
     while (this.flushing) await this.drained;
-    if (!this.trusts(couponId)) return this.rebuild(await readGateSnapshot(this.env.DB, couponId));
+    if (!this.trusts(couponId)) return this.rebuild(await readGateSnapshot(this.env.DB, couponId, this.shard));
     const pending = this.sql.exec<{ user_id: number }>("SELECT user_id FROM pending").toArray().map((r) => r.user_id);
     const sharded = this.terms().shards > 1;
     const outcome = await readPendingOutcome(this.env.DB, couponId, pending, sharded ? this.shard : undefined);
@@ -421,7 +421,7 @@ export class CouponGate extends DurableObject<Env> {
         objectCount: count,
         d1Count,
       });
-      return this.rebuild(await readGateSnapshot(this.env.DB, couponId));
+      return this.rebuild(await readGateSnapshot(this.env.DB, couponId, this.shard));
     }
     this.ctx.storage.transactionSync(() => {
       this.sql.exec("DELETE FROM coupon");

@@ -1,3 +1,5 @@
+import { shardOfSql } from "./shards";
+
 // What the coupon gate reads from and writes to D1, the record of truth. Raw statements rather than
 // drizzle: this is the hot path, and each group commit is built statement by statement.
 
@@ -36,12 +38,31 @@ const COUPON_TERMS = `SELECT id, name, discount_type, discount_value, min_order_
 /** User ids per lookup statement: about 80 KB of JSON, far inside D1's limit on one bound value. */
 const IDS_PER_LOOKUP = 10_000;
 
-/** The coupon and everyone who holds it, or null when there is no such coupon. O(holders): the rebuild. */
-export async function readGateSnapshot(db: D1Database, couponId: number): Promise<GateSnapshot | null> {
+/**
+ * The coupon and everyone who holds it, or null when there is no such coupon. O(holders): the rebuild.
+ * With `shard`, of a sharded coupon, that shard's count in D1 is also set from its users' rows in the same
+ * transaction: a count that drifted (batches of code from before migration 0008, say) heals with the rebuild
+ * its disagreement caused.
+ */
+export async function readGateSnapshot(db: D1Database, couponId: number, shard?: number): Promise<GateSnapshot | null> {
+  const recount =
+    shard === undefined
+      ? []
+      : [
+          db
+            .prepare(
+              `INSERT INTO coupon_shard_counts (coupon_id, shard, issued_count)
+               SELECT c.id, ?2, (SELECT count(*) FROM user_coupons u WHERE u.coupon_id = c.id AND ${shardOfSql("u.user_id", "c.shards")} = ?2)
+               FROM coupons c WHERE c.id = ?1 AND c.shards > 1
+               ON CONFLICT (coupon_id, shard) DO UPDATE SET issued_count = excluded.issued_count`,
+            )
+            .bind(couponId, shard),
+        ];
   // One batch is one transaction: the count and the holders come from the same moment.
   const [coupon, holders] = await db.batch<Record<string, unknown>>([
     db.prepare(COUPON_TERMS).bind(couponId),
     db.prepare("SELECT user_id FROM user_coupons WHERE coupon_id = ?").bind(couponId),
+    ...recount,
   ]);
   const row = coupon?.results[0] as CouponTerms | undefined;
   if (!row) return null;

@@ -13,6 +13,12 @@ export function shardOf(userId: number, shards: number): number {
   return (hash >>> 16) % shards;
 }
 
+/**
+ * `shardOf` in SQL, over integer expressions: SQLite's 64-bit integers hold the product exactly, and the
+ * operands are non-negative, so `%` and `>>` agree with the JS above (migration 0008 spells it out too).
+ */
+export const shardOfSql = (userId: string, shards: string) => `((((${userId} % 2147483648) * 2654435761) % 4294967296) >> 16) % ${shards}`;
+
 /** The gate object of one shard. Shard 0 is the coupon's single gate, so a coupon of 1 shard is served as ever. */
 export function gateName(couponId: number, shard: number): string {
   return shard === 0 ? String(couponId) : `${couponId}:${shard}`;

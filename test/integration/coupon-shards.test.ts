@@ -5,7 +5,7 @@ import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import type { GiveRequest, IssueRequest } from "../../src/coupons/coupon-gate";
 import { issueStatements } from "../../src/coupons/issue-ledger";
-import { shardOf } from "../../src/coupons/shards";
+import { shardOf, shardOfSql } from "../../src/coupons/shards";
 import { adminToken, call } from "../helpers/api";
 import {
   bulkUsers,
@@ -293,6 +293,33 @@ describe("D1's count of each shard", () => {
     await expectExact(coupon.id, 4, 8, 8);
     expect(await gateHolds(coupon.id, [late], 1)).toEqual([late]);
     expect((await issueAll(coupon.id, [late]))[0]!.body.code).toBe("COUPON_ALREADY_ISSUED");
+  });
+
+  it("a shard's count in D1 that drifted (code from before 0008 still running) is set from its rows by the rebuild", async () => {
+    const coupon = await makeShardedCoupon(4, 40);
+    const pool = await bulkUsers(120);
+    const on = (shard: number) => pool.filter((id) => shardOf(id, 4) === shard);
+    expect(codes(await issueAll(coupon.id, [...on(2).slice(0, 5), on(0)[0]!]))).toEqual({ OK: 6 });
+    // An old Worker's batch wrote a row and bumped the coupon, not the shard's count.
+    await env.DB.prepare("UPDATE coupon_shard_counts SET issued_count = issued_count - 1 WHERE coupon_id = ? AND shard = 2")
+      .bind(coupon.id)
+      .run();
+    await evictDurableObject(shardGateOf(coupon.id, 2));
+
+    expect(codes(await issueAll(coupon.id, [on(2)[5]!]))).toEqual({ OK: 1 });
+    await expectExact(coupon.id, 4, 40, 7);
+  });
+
+  it("shardOfSql computes shardOf in D1, at the edges of 32-bit and safe integers", async () => {
+    const ids = [1, 2, 3, 65_535, 65_536, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1, 2 ** 32 - 1, 2 ** 32, 2 ** 32 + 7, 2 ** 53 - 1];
+    for (let i = 0; i < 200; i++) ids.push(1 + Math.floor(Math.random() * (2 ** 53 - 2)));
+    for (const shards of [2, 3, 16, 64]) {
+      const { results } = await env.DB.prepare(`SELECT value AS id, ${shardOfSql("value", "?")} AS shard FROM json_each(?)`)
+        .bind(shards, JSON.stringify(ids))
+        .all<{ id: number; shard: number }>();
+      expect(results.map((r) => r.shard)).toEqual(results.map((r) => shardOf(r.id, shards)));
+      expect(results.map((r) => r.id)).toEqual(ids);
+    }
   });
 
   it("migration 0008's backfill gives every shard the count its own batches keep", async () => {
