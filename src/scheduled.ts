@@ -1,3 +1,4 @@
+import { recountDriftedShards } from "./coupons/issue-ledger";
 import { purgeExpiredIdempotencyKeys } from "./lib/idempotency";
 import { log } from "./lib/log";
 import { positiveIntegerSetting } from "./lib/settings";
@@ -15,11 +16,17 @@ const relayUnsentOrderEvents = (controller: ScheduledController, env: Env) =>
 const purgeIdempotencyKeys = (controller: ScheduledController, env: Env) =>
   purgeExpiredIdempotencyKeys(env, new Date(controller.scheduledTime));
 
+const recountShards = async (_controller: ScheduledController, env: Env) => {
+  const recounted = await recountDriftedShards(env.DB);
+  if (recounted > 0) log("warn", "coupon shard counts recounted from their rows", { shardCounts: recounted });
+};
+
 /** The minute cron: housekeeping tasks, each isolated so one failing does not stop the others. */
 export async function handleScheduled(controller: ScheduledController, env: Env, ctx: ExecutionContext): Promise<void> {
   const tasks: [string, (controller: ScheduledController, env: Env, ctx: ExecutionContext) => Promise<unknown>][] = [
     ["relay unsent order events", relayUnsentOrderEvents],
     ["purge expired idempotency keys", purgeIdempotencyKeys],
+    ["recount drifted coupon shard counts", recountShards],
   ];
   for (const [name, task] of tasks) {
     try {

@@ -140,6 +140,31 @@ export function issueStatements(db: D1Database, couponId: number, issues: Pendin
   return [...issues.map((i) => insert.bind(couponId, i.issuedAt, i.expiresAt, i.userId)), bump, ...bumpShard];
 }
 
+/**
+ * The minute cron: recounts, from their users' rows, the shard counts of every sharded coupon whose shards'
+ * counts in D1 no longer sum to its issued_count. Batches bump both in one transaction, so they differ
+ * only after a write that bumped one and not the other: a batch of a Worker from before migration 0008,
+ * landing during a deploy. A shard heals its own row when it rebuilds (readGateSnapshot), but an idle or
+ * sold-out coupon's shards may never get the request that makes them reconcile. One statement, so it is
+ * atomic with every batch; it reads every sharded coupon's counts (O(coupons × shards)) and the rows of
+ * only the drifted ones. Returns how many shard counts it set.
+ */
+export async function recountDriftedShards(db: D1Database): Promise<number> {
+  const { meta } = await db
+    .prepare(
+      `INSERT INTO coupon_shard_counts (coupon_id, shard, issued_count)
+       SELECT u.coupon_id, ${shardOfSql("u.user_id", "c.shards")}, count(*)
+       FROM user_coupons u JOIN coupons c ON c.id = u.coupon_id
+       WHERE c.id IN (SELECT d.id FROM coupons d
+                      WHERE d.shards > 1
+                        AND d.issued_count != (SELECT coalesce(sum(s.issued_count), 0) FROM coupon_shard_counts s WHERE s.coupon_id = d.id))
+       GROUP BY 1, 2
+       ON CONFLICT (coupon_id, shard) DO UPDATE SET issued_count = excluded.issued_count`,
+    )
+    .run();
+  return meta.changes;
+}
+
 /** The new user_coupons id of each issue, in order; null where the user does not exist. */
 export function issuedIds(results: D1Result[], count: number): (number | null)[] {
   return results.slice(0, count).map((r) => {

@@ -1,11 +1,18 @@
 // A coupon spread over several gate objects: storms with skewed routing, exact totals in D1 and in the
 // objects, quota transfers interrupted at each step, and restarts mid-storm.
-import { abortAllDurableObjects, evictDurableObject, runDurableObjectAlarm } from "cloudflare:test";
+import {
+  abortAllDurableObjects,
+  createExecutionContext,
+  createScheduledController,
+  evictDurableObject,
+  runDurableObjectAlarm,
+} from "cloudflare:test";
 import { env } from "cloudflare:workers";
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import type { GiveRequest, IssueRequest } from "../../src/coupons/coupon-gate";
-import { issueStatements } from "../../src/coupons/issue-ledger";
+import { issueStatements, recountDriftedShards } from "../../src/coupons/issue-ledger";
 import { shardOf, shardOfSql } from "../../src/coupons/shards";
+import { handleScheduled } from "../../src/scheduled";
 import { adminToken, call } from "../helpers/api";
 import {
   bulkUsers,
@@ -21,6 +28,7 @@ import {
   skewedUsers,
 } from "../helpers/coupon-gate";
 import { d1Down, gate, inject } from "../helpers/faults";
+import { captureLogLines, linesWith } from "../helpers/logs";
 
 /** D1's count of each shard's issues (coupon_shard_counts), shard by shard; 0 for a shard without a row. */
 async function shardCountsInD1(couponId: number, shards: number): Promise<number[]> {
@@ -116,6 +124,19 @@ describe("routing and exactness across shards", () => {
     // Pieces held by missing users came back when their batches did: a later wave takes exactly the rest.
     await new Promise((resolve) => setTimeout(resolve, 1_100));
     await issueAll(coupon.id, users);
+    await expectExact(coupon.id, 16, 40, 40);
+
+    // Every shard's next life finds its count equal to its own in D1: none rebuilds (O(holders)).
+    for (let shard = 0; shard < 16; shard++) await evictDurableObject(shardGateOf(coupon.id, shard));
+    const lines = captureLogLines();
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 1_100));
+      const again = await issueAll(coupon.id, users);
+      expect(new Set(again.map((r) => r.body.code))).toEqual(new Set(["COUPON_ALREADY_ISSUED", "COUPON_SOLD_OUT"]));
+      expect(linesWith(lines, "coupon gate disagrees with D1; rebuilding from it")).toEqual([]);
+    } finally {
+      vi.restoreAllMocks();
+    }
     await expectExact(coupon.id, 16, 40, 40);
   });
 });
@@ -308,6 +329,22 @@ describe("D1's count of each shard", () => {
 
     expect(codes(await issueAll(coupon.id, [on(2)[5]!]))).toEqual({ OK: 1 });
     await expectExact(coupon.id, 4, 40, 7);
+  });
+
+  it("the minute cron recounts the drifted shard counts of a coupon no request reaches, and nothing else", async () => {
+    const coupon = await makeShardedCoupon(4, 40);
+    const pool = await bulkUsers(120);
+    expect(codes(await issueAll(coupon.id, pool.slice(0, 10)))).toEqual({ OK: 10 });
+    const shard = shardOf(pool[0]!, 4);
+    await env.DB.prepare("UPDATE coupon_shard_counts SET issued_count = issued_count - 1 WHERE coupon_id = ? AND shard = ?")
+      .bind(coupon.id, shard)
+      .run();
+
+    const controller = createScheduledController({ scheduledTime: new Date(), cron: "* * * * *" });
+    await handleScheduled(controller, env, createExecutionContext());
+
+    await expectExact(coupon.id, 4, 40, 10);
+    expect(await recountDriftedShards(env.DB)).toBe(0);
   });
 
   it("shardOfSql computes shardOf in D1, at the edges of 32-bit and safe integers", async () => {
