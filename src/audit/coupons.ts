@@ -16,8 +16,8 @@ import { compareObjects, readValues, withTimeout, type ObjectAudit, type ObjectO
 // twice (UNIQUE makes that impossible in D1; counted all the same), and its gate objects, when live and
 // settled, count what D1 counts. A coupon of N shards has N gates (src/coupons/shards.ts): each is asked,
 // and their counts summed and compared with the coupon's count, which its shards' own counts in D1
-// (coupon_shard_counts) must sum to. For the first sharded coupons the check
-// also lists each shard's figures (docs/sharded-coupons.md): reported, not judged.
+// (coupon_shard_counts) must sum to. For the first sharded coupons the check also lists each shard's
+// figures (docs/sharded-coupons.md): reported, not judged.
 const COUPONS_PAGE = `
   SELECT c.id, c.issued_count AS issuedCount, c.total_quantity AS totalQuantity, c.shards,
     (SELECT count(*) FROM user_coupons u WHERE u.coupon_id = c.id) AS rowCount,

@@ -53,11 +53,11 @@ import { gateName, initialQuota, shardOf } from "./shards";
 // users routed to it exactly as above, against its own quota instead of the total: `coupon.issued_count` is
 // then the shard's own count (issued and pending). D1's coupon row counts every shard, and each shard's
 // batch also bumps the shard's own row of coupon_shard_counts, which is what its reconciliation compares
-// with (a late batch is caught as above; a CHECK refusal means the whole coupon is sold out). A shard with no free quota parks its requests and asks its siblings,
-// one at a time, for just as many pieces as it has parked requests (shard-quota.ts: a durable, exactly-once
-// transfer), so every piece in transit is bound for an admission; when every sibling has answered none, the
-// parked requests are sold out and the shard refuses at once for DRY_MS. A sibling that cannot answer makes
-// it 503 instead: its pieces might be in transit.
+// with (a late batch is caught as above; a CHECK refusal means the whole coupon is sold out). A shard with
+// no free quota parks its requests and asks its siblings, one at a time, for just as many pieces as it has
+// parked requests (shard-quota.ts: a durable, exactly-once transfer), so every piece in transit is bound for
+// an admission; when every sibling has answered none, the parked requests are sold out and the shard refuses
+// at once for DRY_MS. A sibling that cannot answer makes it 503 instead: its pieces might be in transit.
 
 /**
  * The layout of this object's storage: storage without this marker (or with another) is rebuilt from D1 on
