@@ -14,7 +14,7 @@ import type { CreateProduct, UpdateProduct } from "./schemas";
  */
 export const PRODUCT_LIST_CACHE: CachePolicy = { freshSeconds: 30, ttlSeconds: 60 };
 
-export type ProductRow = typeof products.$inferSelect;
+export type ProductRow = Omit<typeof products.$inferSelect, "adminWriteId">;
 
 export interface ProductDto {
   id: number;

@@ -62,6 +62,9 @@ export const products = sqliteTable(
     maxPerUser: integer("max_per_user"),
     createdAt: text("created_at").notNull(),
     updatedAt: text("updated_at").notNull(),
+    // The latest admin stock or limit change, as its stock object named it: a later life of that object
+    // tells from it whether a write an earlier life left in flight is in what it read (src/inventory/product-stock.ts).
+    adminWriteId: text("admin_write_id"),
   },
   (t) => [
     check("products_price_non_negative", sql`${t.price} >= 0`),

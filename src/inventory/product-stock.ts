@@ -40,6 +40,12 @@ import { isCommitted, readProductSnapshot } from "./stock-ledger";
 //   until the adjust re-reads).
 // - A re-read fails (D1 down): this life keeps settling what it holds, and decides nothing before it has
 //   read D1 again (`loadToDecide`, `loadToSettle`).
+// - The object's life ends while its admin write is in flight, or the write's reply is lost while D1 may
+//   still be running it: storage keeps a record of every admin write (`admin_writes`, made before the write
+//   leaves) until its outcome is known, and the write leaves its id in D1 (`products.admin_write_id`). A load
+//   that finds a record whose id D1 does not show counts its decrease as taken and its tighter limit as kept
+//   until it could no longer land (ADMIN_WRITE_SETTLED_MS); then the alarm, or the next decision, reads D1
+//   again (an increase shows from then on).
 // - The reservation cannot be made at all (a load or the alarm fails): a plain 503 (`couldNotReserve`).
 
 export type StockRefusal = "PRODUCT_NOT_FOUND" | "OUT_OF_STOCK" | "PURCHASE_LIMIT_EXCEEDED";
@@ -68,7 +74,7 @@ export type AdjustResult =
   | { ok: false; reason: "OUT_OF_STOCK" | "PRODUCT_NOT_FOUND" };
 
 /** The product row as drizzle names it, so the catalog's own mapper shapes it. */
-export type ProductRecord = typeof products.$inferSelect;
+export type ProductRecord = Omit<typeof products.$inferSelect, "adminWriteId">;
 
 /** A reservation not committed or released within this long is settled against D1 by the alarm. */
 export const RESERVATION_TTL_MS = 120_000;
@@ -76,6 +82,11 @@ export const RESERVATION_TTL_MS = 120_000;
 const SETTLE_SOON_MS = 5_000;
 /** Longer than an idempotency key lives (24 h), so no retry of a committed order outlives the memory of it. */
 const SETTLED_KEPT_MS = 2 * DAY_MS;
+/**
+ * How long an admin write whose object's life ended may still land in D1: the reservation TTL, which the
+ * alarm already takes as the time after which a dead run's write has landed or never will.
+ */
+export const ADMIN_WRITE_SETTLED_MS = RESERVATION_TTL_MS;
 const ALARM_RETRY_FIRST_MS = 1_000;
 const ALARM_RETRY_MAX_MS = 60_000;
 
@@ -117,6 +128,10 @@ export class ProductStock extends DurableObject<Env> {
   /** Tighter purchase limits taken here whose D1 writes are in flight, and the tightest of them a load must keep. */
   private limitsInFlight: number[] = [];
   private limitForLoad: number | null = null;
+  /** This life's admin writes in flight (rows of `admin_writes`): the other rows are earlier ones (`loadFromD1`). */
+  private readonly ownAdminWrites = new Set<string>();
+  /** When an earlier life's admin writes can no longer land: D1 is read again before the first decision after. */
+  private earlierWritesSettleAt: number | null = null;
   private orders: OrderGroup | null = null;
 
   constructor(ctx: DurableObjectState, env: Env) {
@@ -134,6 +149,9 @@ export class ProductStock extends DurableObject<Env> {
     // Units each user holds in committed, non-cancelled orders (counted from when this table exists, like
     // D1's user_product_purchases): changed only when an entry settles, so exactly once per order key.
     this.sql.exec("CREATE TABLE IF NOT EXISTS purchases (user_id INTEGER PRIMARY KEY, quantity INTEGER NOT NULL)");
+    // Admin writes in flight: what each took here (a decrease, a tighter limit) and when it started.
+    this.sql.exec(`CREATE TABLE IF NOT EXISTS admin_writes (
+      write_id TEXT PRIMARY KEY, decrease INTEGER NOT NULL, tighter_limit INTEGER, started_at INTEGER NOT NULL)`);
   }
 
   /**
@@ -286,19 +304,28 @@ export class ProductStock extends DurableObject<Env> {
     const limit = patch.maxPerUser;
     const previousLimit = this.maxPerUser;
     const tighter = limit !== undefined && limit !== null && (previousLimit === null || limit < previousLimit);
+    const decrease = Math.max(0, -delta);
+    // Recorded before anything is taken here and before the write leaves (the output gate holds the write
+    // until storage has the row): a next life, or this one if the outcome is lost, knows it may land later.
+    const writeId = delta !== 0 || limit !== undefined ? this.recordAdminWrite(decrease, tighter ? limit : null) : null;
     if (tighter) {
       this.maxPerUser = limit;
       this.limitsInFlight.push(limit);
       if (this.loading) this.limitForLoad = tighterOf(this.limitForLoad, limit);
     }
-    const limitWritten = () => {
-      if (tighter) this.limitsInFlight.splice(this.limitsInFlight.indexOf(limit), 1);
-    };
     // A decrease is taken before the write; a load reading D1 meanwhile counts it taken too (loadFromD1).
-    const decrease = Math.max(0, -delta);
     this.stock -= decrease;
     this.decreasesInFlight += decrease;
     this.decreasesStarted += decrease;
+    // The write returned. Its outcome known, its record goes; unknown (a reply lost: D1 may still be running
+    // it), the record stays and loads count it as an earlier life's write until D1 shows it or it cannot land.
+    const returned = (outcomeKnown: boolean) => {
+      this.decreasesInFlight -= decrease;
+      if (tighter) this.limitsInFlight.splice(this.limitsInFlight.indexOf(limit), 1);
+      if (writeId === null) return;
+      if (outcomeKnown) this.forgetAdminWrite(writeId);
+      else this.ownAdminWrites.delete(writeId);
+    };
     // A load during the write replaces `stock` with a snapshot that may or may not hold this change: then the
     // arithmetic below would count it twice or not at all, so D1 is read again instead.
     const loads = this.loads;
@@ -307,19 +334,18 @@ export class ProductStock extends DurableObject<Env> {
     try {
       row = await this.env.DB.prepare(
         `UPDATE products SET stock = stock + ?1, name = coalesce(?2, name), price = coalesce(?3, price), updated_at = ?4,
-           max_per_user = CASE WHEN ?6 THEN ?7 ELSE max_per_user END
+           max_per_user = CASE WHEN ?6 THEN ?7 ELSE max_per_user END, admin_write_id = coalesce(?8, admin_write_id)
          WHERE id = ?5 RETURNING id, name, price, stock, max_per_user AS maxPerUser, created_at AS createdAt, updated_at AS updatedAt`,
       )
-        .bind(delta, patch.name ?? null, patch.price ?? null, patch.updatedAt, productId, limit !== undefined ? 1 : 0, limit ?? null)
+        .bind(delta, patch.name ?? null, patch.price ?? null, patch.updatedAt, productId, limit !== undefined ? 1 : 0, limit ?? null, writeId)
         .first<ProductRecord>();
     } catch (error) {
-      this.decreasesInFlight -= decrease;
-      limitWritten();
       // Refused by D1's stock CHECK: nothing was written, so the change is undone here. Any other failure may
       // have committed (a reply lost): the object stays on the safe side (the decrease taken, a tighter limit
       // kept). Either way it then takes D1's numbers (undoing a lost +5 would keep it unsellable, a lost -5 on
       // offer); if even that read fails, it decides nothing before it has them.
       const refused = error instanceof Error && error.message.includes("products_stock_non_negative");
+      returned(refused);
       if (refused && !reloaded()) {
         this.stock += decrease;
         this.maxPerUser = previousLimit;
@@ -328,8 +354,7 @@ export class ProductStock extends DurableObject<Env> {
       if (refused) return { ok: false, reason: "OUT_OF_STOCK" };
       throw error;
     }
-    this.decreasesInFlight -= decrease;
-    limitWritten();
+    returned(true);
     if (!row) {
       await this.tryResync(productId);
       throw new Error(`product ${productId} vanished from D1`);
@@ -341,6 +366,25 @@ export class ProductStock extends DurableObject<Env> {
     }
     // Committed: it is answered as applied even if the re-read failed (the object then reads D1 before deciding).
     return { ok: true, product: row };
+  }
+
+  /** Its id, which the write also leaves in D1 (`products.admin_write_id`). */
+  private recordAdminWrite(decrease: number, tighterLimit: number | null): string {
+    const writeId = crypto.randomUUID();
+    this.sql.exec(
+      "INSERT INTO admin_writes (write_id, decrease, tighter_limit, started_at) VALUES (?, ?, ?, ?)",
+      writeId,
+      decrease,
+      tighterLimit,
+      Date.now(),
+    );
+    this.ownAdminWrites.add(writeId);
+    return writeId;
+  }
+
+  private forgetAdminWrite(writeId: string): void {
+    this.sql.exec("DELETE FROM admin_writes WHERE write_id = ?", writeId);
+    this.ownAdminWrites.delete(writeId);
   }
 
   /** `resync`, its failure logged: the object then decides nothing before it has read D1 (see `resync`). */
@@ -369,7 +413,10 @@ export class ProductStock extends DurableObject<Env> {
    */
   async auditView(productId: number): Promise<{ stock: number; reserved: number; openEntries: number } | null> {
     if (this.productId !== productId) return null;
-    const openEntries = this.sql.exec<{ n: number }>("SELECT count(*) AS n FROM reservations").one().n;
+    // An admin write in flight (this life's or an earlier one's) is open too: D1 may not have it yet.
+    const openEntries = this.sql
+      .exec<{ n: number }>("SELECT (SELECT count(*) FROM reservations) + (SELECT count(*) FROM admin_writes) AS n")
+      .one().n;
     return { stock: this.stock, reserved: this.reserved, openEntries };
   }
 
@@ -384,6 +431,8 @@ export class ProductStock extends DurableObject<Env> {
       const known = this.sql.exec<{ value: number }>("SELECT value FROM meta WHERE key = 'product_id'").toArray();
       if (known.length === 0 || !(await this.load(known[0]!.value))) return;
       await this.settleExpired();
+      // Earlier admin writes have landed or never will: D1's numbers again, without them.
+      if (this.earlierWritesSettleAt !== null && Date.now() >= this.earlierWritesSettleAt) await this.resync(known[0]!.value);
       this.alarmFailures = 0;
     } catch (error) {
       this.alarmFailures += 1;
@@ -563,8 +612,11 @@ export class ProductStock extends DurableObject<Env> {
     return entry;
   }
 
+  /** When the alarm is next due: the earliest expiry of an entry, or the time earlier admin writes settle. */
   private earliestExpiry(): number | null {
-    return this.sql.exec<{ at: number | null }>("SELECT min(expires_at) AS at FROM reservations").one().at;
+    const at = this.sql.exec<{ at: number | null }>("SELECT min(expires_at) AS at FROM reservations").one().at;
+    const writes = this.earlierWritesSettleAt;
+    return at === null ? writes : writes === null ? at : Math.min(at, writes);
   }
 
   /** Makes sure the alarm fires by `at`; resolves once storage holds it. */
@@ -587,7 +639,8 @@ export class ProductStock extends DurableObject<Env> {
 
   /** `load`, and first a re-read of D1 that a failed one left due (see `resync`): before deciding anything. */
   private async loadToDecide(productId: number): Promise<boolean> {
-    if (this.decideAfterReload && this.productId === productId) await this.resync(productId);
+    const earlierWritesSettled = this.earlierWritesSettleAt !== null && Date.now() >= this.earlierWritesSettleAt;
+    if ((this.decideAfterReload || earlierWritesSettled) && this.productId === productId) await this.resync(productId);
     return this.load(productId);
   }
 
@@ -620,8 +673,22 @@ export class ProductStock extends DurableObject<Env> {
     const startedBefore = this.decreasesStarted;
     // Likewise every tighter limit in flight during the read (adjust lowers this while a load runs).
     this.limitForLoad = this.limitsInFlight.reduce<number | null>(tighterOf, null);
+    const readStartedAt = Date.now();
+    const earlier = this.sql
+      .exec<{ write_id: string; decrease: number; tighter_limit: number | null; started_at: number }>(
+        "SELECT write_id, decrease, tighter_limit, started_at FROM admin_writes",
+      )
+      .toArray()
+      .filter((w) => !this.ownAdminWrites.has(w.write_id));
     const snapshot = await readProductSnapshot(this.env.DB, productId, leftovers);
     if (!snapshot) return false;
+    // Earlier admin writes (of an earlier life, or whose reply was lost): one D1 shows as its latest is in
+    // the snapshot, and one begun ADMIN_WRITE_SETTLED_MS before the read has landed or never will; both are
+    // forgotten. Any other may still land after the read: counted like a write in flight (its decrease
+    // taken, its tighter limit kept) until the alarm or the next decision after that time reads D1 again.
+    const unsettled = earlier.filter((w) => w.write_id !== snapshot.adminWriteId && w.started_at + ADMIN_WRITE_SETTLED_MS > readStartedAt);
+    for (const w of earlier) if (!unsettled.includes(w)) this.sql.exec("DELETE FROM admin_writes WHERE write_id = ?", w.write_id);
+    this.earlierWritesSettleAt = unsettled.length > 0 ? Math.max(...unsettled.map((w) => w.started_at)) + ADMIN_WRITE_SETTLED_MS : null;
     // D1's stock already holds what its committed entries did; the buyers' counts here do not yet.
     for (const key of snapshot.committed) {
       const entry = this.drop(key);
@@ -629,15 +696,16 @@ export class ProductStock extends DurableObject<Env> {
     }
     // Each admin decrease in flight at any moment of the read may or may not be in its snapshot: counted as
     // taken, erring low (the adjust reads D1 again after its write).
-    this.stock = snapshot.stock - inFlight - (this.decreasesStarted - startedBefore);
-    this.maxPerUser = tighterOf(snapshot.maxPerUser, this.limitForLoad);
+    const earlierDecreases = unsettled.reduce((n, w) => n + w.decrease, 0);
+    this.stock = snapshot.stock - inFlight - (this.decreasesStarted - startedBefore) - earlierDecreases;
+    this.maxPerUser = unsettled.reduce((max, w) => tighterOf(max, w.tighter_limit), tighterOf(snapshot.maxPerUser, this.limitForLoad));
     this.loads += 1;
     this.reserved = this.sql
       .exec<{ total: number }>("SELECT coalesce(sum(quantity), 0) AS total FROM reservations WHERE kind = 'SALE'")
       .one().total;
     this.sql.exec("INSERT OR REPLACE INTO meta (key, value) VALUES ('product_id', ?)", productId);
     const earliest = this.earliestExpiry();
-    if (earliest !== null && this.alarmSet === null) await this.armAlarm(earliest);
+    if (earliest !== null) await this.settleBy(earliest);
     this.productId = productId;
     this.loadedOnce = productId;
     return true;

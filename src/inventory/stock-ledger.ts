@@ -8,6 +8,8 @@ export const restockKey = (orderId: number) => `${RESTOCK_PREFIX}${orderId}`;
 export interface ProductSnapshot {
   stock: number;
   maxPerUser: number | null;
+  /** The latest admin write's id (`adjust`), null before the first. */
+  adminWriteId: string | null;
   /** The keys among those asked about whose order (or cancellation) D1 has committed. */
   committed: Set<string>;
 }
@@ -16,16 +18,16 @@ export interface ProductSnapshot {
 export async function readProductSnapshot(db: D1Database, productId: number, keys: string[]): Promise<ProductSnapshot | null> {
   const { sales, cancellations } = splitKeys(keys);
   const [product, placed, cancelled] = await db.batch<Record<string, unknown>>([
-    db.prepare("SELECT stock, max_per_user FROM products WHERE id = ?").bind(productId),
+    db.prepare("SELECT stock, max_per_user, admin_write_id FROM products WHERE id = ?").bind(productId),
     db.prepare("SELECT order_key AS k FROM orders WHERE order_key IN (SELECT value FROM json_each(?))").bind(JSON.stringify(sales)),
     db
       .prepare(`SELECT '${RESTOCK_PREFIX}' || id AS k FROM orders WHERE status = 'CANCELLED' AND id IN (SELECT value FROM json_each(?))`)
       .bind(JSON.stringify(cancellations)),
   ]);
-  const row = product!.results[0] as { stock: number; max_per_user: number | null } | undefined;
+  const row = product!.results[0] as { stock: number; max_per_user: number | null; admin_write_id: string | null } | undefined;
   if (!row) return null;
   const committed = new Set([...placed!.results, ...cancelled!.results].map((r) => r.k as string));
-  return { stock: row.stock, maxPerUser: row.max_per_user, committed };
+  return { stock: row.stock, maxPerUser: row.max_per_user, adminWriteId: row.admin_write_id, committed };
 }
 
 /** Whether D1 has committed what the entry `key` waits for. */

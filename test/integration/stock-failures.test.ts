@@ -1,6 +1,7 @@
-import { evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
+import { abortAllDurableObjects, evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { env, exports } from "cloudflare:workers";
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, vi } from "vitest";
+import { ADMIN_WRITE_SETTLED_MS } from "../../src/inventory/product-stock";
 import { adminToken, call, expectProblem, tokenFor } from "../helpers/api";
 import { all, fund, one, walletInvariant } from "../helpers/db";
 import { makeCoupon, makeProduct, makeUser } from "../helpers/factories";
@@ -68,6 +69,9 @@ describe("a client that hangs up mid-order", () => {
 });
 
 const alarmOf = (productId: number) => runInDurableObject(stockObject(productId), (_instance, state) => state.storage.getAlarm());
+/** The object's records of admin writes not yet known to have landed or failed. */
+const adminWrites = (productId: number) =>
+  runInDurableObject(stockObject(productId), (_instance, state) => state.storage.sql.exec("SELECT * FROM admin_writes").toArray());
 const expireReservations = (productId: number) =>
   runInDurableObject(stockObject(productId), (_instance, state) => {
     state.storage.sql.exec("UPDATE reservations SET expires_at = 0");
@@ -82,30 +86,37 @@ async function sellOneEach(productId: number, count: number) {
  * Routes the stock object's admin write (`adjust`'s UPDATE of the product) through `write`, which runs it
  * (`run`) when it chooses and may then fail: its D1 reply lost, say.
  */
-const interceptAdminWrite = (write: (run: () => Promise<unknown>) => Promise<unknown>) =>
+const interceptAdminWrite = (write: (run: () => Promise<unknown>, sql: string, values: unknown[]) => Promise<unknown>) =>
   inject(env.DB, "prepare", (prepare) =>
     ((sql: string) => {
       const statement = prepare(sql);
       if (!sql.includes("UPDATE products SET stock = stock + ?1")) return statement;
-      return { bind: (...values: unknown[]) => ({ first: () => write(() => statement.bind(...values).first()) }) };
+      return { bind: (...values: unknown[]) => ({ first: () => write(() => statement.bind(...values).first(), sql, values) }) };
     }) as typeof prepare,
   );
 
-/** The object's admin write held until `release()`; `held()` once it is waiting. */
+/**
+ * The object's admin write held until `release()`; `held()` once it is waiting. `landHere()` runs the same
+ * statement from the test instead (the write of an object whose life has ended, landing late).
+ */
 function stalledAdminWrite() {
-  let held = false;
+  let held: { sql: string; values: unknown[] } | null = null;
   const write = gate();
-  const restore = interceptAdminWrite(async (run) => {
-    held = true;
+  const restore = interceptAdminWrite(async (run, sql, values) => {
+    held = { sql, values };
     await write.opened;
     return run();
   });
-  return { held: () => held, release: write.open, restore };
+  const landHere = () =>
+    env.DB.prepare(held!.sql)
+      .bind(...held!.values)
+      .run();
+  return { held: () => held !== null, release: write.open, landHere, restore };
 }
 
 /** A batch that is the stock object's read of D1 (its snapshot of the product and its open entries). */
 const readsSnapshot = (statements: D1PreparedStatement[]) =>
-  ((statements[0] as unknown as { statement?: string }).statement ?? "").startsWith("SELECT stock, max_per_user FROM products");
+  ((statements[0] as unknown as { statement?: string }).statement ?? "").startsWith("SELECT stock, max_per_user, admin_write_id FROM products");
 
 /** Fails every D1 batch while `isDown()` (the object's reads of D1 are batches; its admin write is not). */
 const batchesFailWhile = (isDown: () => boolean) =>
@@ -426,6 +437,129 @@ describe("an admin decrease taken while a re-read is already reading D1", () => 
     }
     expect(await stub.snapshot(product.id)).toEqual({ stock: 5, reserved: 0, available: 5 });
     expect(await soldUnits(product.id)).toEqual({ stock: 5, units: 0 });
+  });
+});
+
+describe("an admin change whose object's life ends mid-write", () => {
+  /**
+   * An admin PATCH of `body` whose write is held while the object's life ends; the held write then lands
+   * (run from the test, as the dead life's write arriving late) before or after the next life reads D1.
+   */
+  async function diesMidWrite(stock: number, body: Record<string, unknown>, lands: "before the next read" | "after the next read") {
+    const product = await makeProduct({ price: 100, stock });
+    await stockObject(product.id).snapshot(product.id);
+    const write = stalledAdminWrite();
+    const patched = call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body });
+    await expect.poll(write.held, { interval: 5 }).toBe(true);
+    // The life ends (a deploy, a crash): its call fails, its write is left in flight.
+    await abortAllDurableObjects();
+    write.restore();
+    expectProblem(await patched, 503, "SERVICE_UNAVAILABLE");
+    // A stub made before the abort stays broken: the next life through a new one.
+    const stub = stockObject(product.id);
+    if (lands === "before the next read") await write.landHere();
+    const before = await stub.snapshot(product.id);
+    if (lands === "after the next read") await write.landHere();
+    return { product, stub, before };
+  }
+
+  /** Runs `work` with the clock past the time the dead life's write could still land. */
+  async function afterEarlierWritesSettle<T>(work: () => Promise<T>): Promise<T> {
+    vi.useFakeTimers({ toFake: ["Date"], now: Date.now() + ADMIN_WRITE_SETTLED_MS + 1_000 });
+    try {
+      return await work();
+    } finally {
+      vi.useRealTimers();
+    }
+  }
+
+  it("a decrease landing after the next life's read is taken there until it could no longer land, then D1 is read again", async () => {
+    const { product, stub, before } = await diesMidWrite(10, { stockDelta: -8 }, "after the next read");
+    // Before: 10 on offer while D1 was about to have 2.
+    expect(before).toEqual({ stock: 2, reserved: 0, available: 2 });
+    expect((await sellOneEach(product.id, 2)).map((r) => r.status)).toEqual([200, 200]);
+    // A unit D1 gains behind the object's back is sold only if it reads D1 again once the write has settled.
+    await env.DB.prepare("UPDATE products SET stock = stock + 1 WHERE id = ?").bind(product.id).run();
+    const sold = await afterEarlierWritesSettle(async () => (await sellOneEach(product.id, 1))[0]!.status);
+    expect(sold).toBe(200);
+    expect(await soldUnits(product.id)).toEqual({ stock: 0, units: 3 });
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 0, reserved: 0, available: 0 });
+    expect(await adminWrites(product.id)).toEqual([]);
+  });
+
+  it("a decrease that landed before the next life's read is counted once: D1 shows its id", async () => {
+    const { product, stub, before } = await diesMidWrite(10, { stockDelta: -8 }, "before the next read");
+    // Without the id the next life could not tell, and would take it twice: nothing on offer for 120 s.
+    expect(before).toEqual({ stock: 2, reserved: 0, available: 2 });
+    expect(await adminWrites(product.id)).toEqual([]);
+    expect((await sellOneEach(product.id, 3)).map((r) => r.status).sort()).toEqual([200, 200, 400]);
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 0, reserved: 0, available: 0 });
+  });
+
+  it("an increase landing after the next life's read is offered once it could no longer land, by the alarm", async () => {
+    const { product, stub, before } = await diesMidWrite(2, { stockDelta: 10 }, "after the next read");
+    expect(before).toEqual({ stock: 2, reserved: 0, available: 2 });
+    // Before: sold out after 2 while D1 had 12, for as long as this life lasted. The alarm re-reads D1
+    // even if no order comes.
+    expect(await alarmOf(product.id)).not.toBeNull();
+    await afterEarlierWritesSettle(() => runDurableObjectAlarm(stockObject(product.id)));
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 12, reserved: 0, available: 12 });
+    expect(await adminWrites(product.id)).toEqual([]);
+    expect((await sellOneEach(product.id, 5)).map((r) => r.status)).toEqual([200, 200, 200, 200, 200]);
+    expect(await soldUnits(product.id)).toEqual({ stock: 7, units: 5 });
+  });
+
+  it("a tighter purchase limit: the next life keeps it while the write could still land", async () => {
+    const { product, stub } = await diesMidWrite(10, { maxPerUser: 1 }, "after the next read");
+    const first = await buyer();
+    // Before: 2 units were reserved under the old (no) limit, for D1's CHECK to refuse late.
+    expect(await stub.reserve(product.id, "over-the-new-limit", 2, first.id)).toMatchObject({
+      ok: false,
+      reason: "PURCHASE_LIMIT_EXCEEDED",
+      maxPerUser: 1,
+    });
+    const order = (quantity: number) =>
+      call("POST", "/api/orders", { token: first.token, body: { items: [{ productId: product.id, quantity }] } });
+    expectProblem(await order(2), 400, "PURCHASE_LIMIT_EXCEEDED");
+    expect((await order(1)).status).toBe(200);
+  });
+});
+
+describe("an admin change whose D1 reply is lost while D1 is still running it", () => {
+  it("the object counts the decrease taken when its re-read comes first, and D1's id settles it once it lands", async () => {
+    const product = await makeProduct({ price: 100, stock: 10 });
+    const stub = stockObject(product.id);
+    await stub.snapshot(product.id);
+    let landHere: (() => Promise<unknown>) | null = null;
+    const restore = interceptAdminWrite(async (run, sql, values) => {
+      landHere = () => env.DB.prepare(sql).bind(...values).run();
+      throw new Error("D1_ERROR: Network connection lost (injected)");
+    });
+    try {
+      const res = await call("PATCH", `/api/admin/products/${product.id}`, { token: await adminToken(), body: { stockDelta: -8 } });
+      expectProblem(res, 503, "SERVICE_UNAVAILABLE");
+    } finally {
+      restore();
+    }
+    // The object re-read D1 before the write landed: before, 10 were on offer again.
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 2, reserved: 0, available: 2 });
+    await landHere!();
+    // A re-read once it has landed sees its id: taken once, and the record is gone.
+    await stub.resync(product.id);
+    expect(await stub.snapshot(product.id)).toEqual({ stock: 2, reserved: 0, available: 2 });
+    expect(await adminWrites(product.id)).toEqual([]);
+  });
+
+  it("a change that committed or was refused leaves no record behind", async () => {
+    const product = await makeProduct({ price: 100, stock: 3 });
+    const admin = await adminToken();
+    expect((await call("PATCH", `/api/admin/products/${product.id}`, { token: admin, body: { stockDelta: 2, maxPerUser: 4 } })).status).toBe(200);
+    expect(await adminWrites(product.id)).toEqual([]);
+    // D1 refuses the next on its CHECK (its stock went down behind the object's back): nothing was written.
+    await env.DB.prepare("UPDATE products SET stock = 1 WHERE id = ?").bind(product.id).run();
+    expectProblem(await call("PATCH", `/api/admin/products/${product.id}`, { token: admin, body: { stockDelta: -3 } }), 400, "OUT_OF_STOCK");
+    expect(await adminWrites(product.id)).toEqual([]);
+    expect(await stockObject(product.id).auditView(product.id)).toEqual({ stock: 1, reserved: 0, openEntries: 0 });
   });
 });
 

@@ -1,0 +1,1 @@
+ALTER TABLE `products` ADD `admin_write_id` text;
