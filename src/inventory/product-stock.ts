@@ -36,14 +36,14 @@ import { isCommitted, readProductSnapshot } from "./stock-ledger";
 //   committed): committed keys are remembered for two days, so a key is subtracted from stock once.
 // - D1 refuses an order on CHECK (stock >= 0), so this object was above D1: `resync` reloads it.
 // - An admin change fails or its reply is lost: `resync` too, never an undo of what D1 may have. A load
-//   counts every admin decrease and tighter limit in flight during its read as made (errs on the safe side
-//   until the adjust re-reads).
+//   counts every admin decrease in flight during its read as made, and keeps the tighter of each limit in
+//   flight and the one it read (errs on the safe side until the adjust re-reads).
 // - A re-read fails (D1 down): this life keeps settling what it holds, and decides nothing before it has
 //   read D1 again (`loadToDecide`, `loadToSettle`).
 // - The object's life ends while its admin write is in flight, or the write's reply is lost while D1 may
 //   still be running it: storage keeps a record of every admin write (`admin_writes`, made before the write
 //   leaves) until its outcome is known, and the write leaves its id in D1 (`products.admin_write_id`). A load
-//   that finds a record whose id D1 does not show counts its decrease as taken and its tighter limit as kept
+//   that finds a record whose id D1 does not show counts its decrease as taken and keeps its limit if tighter
 //   until it could no longer land (ADMIN_WRITE_SETTLED_MS); then the alarm, or the next decision, reads D1
 //   again (an increase shows from then on).
 // - The reservation cannot be made at all (a load or the alarm fails): a plain 503 (`couldNotReserve`).
@@ -125,7 +125,7 @@ export class ProductStock extends DurableObject<Env> {
   /** Units admin decreases took here whose D1 writes are still in flight, and all they ever took (see `adjust`). */
   private decreasesInFlight = 0;
   private decreasesStarted = 0;
-  /** Tighter purchase limits taken here whose D1 writes are in flight, and the tightest of them a load must keep. */
+  /** Purchase limits of this life's admin writes in flight, and the tightest a load must keep (with D1's). */
   private limitsInFlight: number[] = [];
   private limitForLoad: number | null = null;
   /** This life's admin writes in flight (rows of `admin_writes`): the other rows are earlier ones (`loadFromD1`). */
@@ -149,9 +149,9 @@ export class ProductStock extends DurableObject<Env> {
     // Units each user holds in committed, non-cancelled orders (counted from when this table exists, like
     // D1's user_product_purchases): changed only when an entry settles, so exactly once per order key.
     this.sql.exec("CREATE TABLE IF NOT EXISTS purchases (user_id INTEGER PRIMARY KEY, quantity INTEGER NOT NULL)");
-    // Admin writes in flight: what each took here (a decrease, a tighter limit) and when it started.
+    // Admin writes in flight: what each took here (a decrease), the limit it sets, and when it started.
     this.sql.exec(`CREATE TABLE IF NOT EXISTS admin_writes (
-      write_id TEXT PRIMARY KEY, decrease INTEGER NOT NULL, tighter_limit INTEGER, started_at INTEGER NOT NULL)`);
+      write_id TEXT PRIMARY KEY, decrease INTEGER NOT NULL, max_per_user INTEGER, started_at INTEGER NOT NULL)`);
   }
 
   /**
@@ -304,14 +304,17 @@ export class ProductStock extends DurableObject<Env> {
     const limit = patch.maxPerUser;
     const previousLimit = this.maxPerUser;
     const tighter = limit !== undefined && limit !== null && (previousLimit === null || limit < previousLimit);
+    // Any limit written may be D1's from the moment it lands: a load keeps the tighter of it and what it read
+    // (whatever this object holds now, which may be a kept limit tighter than D1's).
+    const limitWritten = limit === undefined ? null : limit;
     const decrease = Math.max(0, -delta);
     // Recorded before anything is taken here and before the write leaves (the output gate holds the write
     // until storage has the row): a next life, or this one if the outcome is lost, knows it may land later.
-    const writeId = delta !== 0 || limit !== undefined ? this.recordAdminWrite(decrease, tighter ? limit : null) : null;
-    if (tighter) {
-      this.maxPerUser = limit;
-      this.limitsInFlight.push(limit);
-      if (this.loading) this.limitForLoad = tighterOf(this.limitForLoad, limit);
+    const writeId = delta !== 0 || limit !== undefined ? this.recordAdminWrite(decrease, limitWritten) : null;
+    if (tighter) this.maxPerUser = limit;
+    if (limitWritten !== null) {
+      this.limitsInFlight.push(limitWritten);
+      if (this.loading) this.limitForLoad = tighterOf(this.limitForLoad, limitWritten);
     }
     // A decrease is taken before the write; a load reading D1 meanwhile counts it taken too (loadFromD1).
     this.stock -= decrease;
@@ -321,7 +324,7 @@ export class ProductStock extends DurableObject<Env> {
     // it), the record stays and loads count it as an earlier life's write until D1 shows it or it cannot land.
     const returned = (outcomeKnown: boolean) => {
       this.decreasesInFlight -= decrease;
-      if (tighter) this.limitsInFlight.splice(this.limitsInFlight.indexOf(limit), 1);
+      if (limitWritten !== null) this.limitsInFlight.splice(this.limitsInFlight.indexOf(limitWritten), 1);
       if (writeId === null) return;
       if (outcomeKnown) this.forgetAdminWrite(writeId);
       else this.ownAdminWrites.delete(writeId);
@@ -348,7 +351,8 @@ export class ProductStock extends DurableObject<Env> {
       returned(refused);
       if (refused && !reloaded()) {
         this.stock += decrease;
-        this.maxPerUser = previousLimit;
+        // Not this write's limit; the tighter of what it replaced and the limits of the others in flight.
+        this.maxPerUser = this.limitsInFlight.reduce(tighterOf, previousLimit);
       }
       await this.tryResync(productId);
       if (refused) return { ok: false, reason: "OUT_OF_STOCK" };
@@ -359,7 +363,8 @@ export class ProductStock extends DurableObject<Env> {
       await this.tryResync(productId);
       throw new Error(`product ${productId} vanished from D1`);
     }
-    if (reloaded()) await this.tryResync(productId);
+    // Earlier writes still unsettled keep their limits and decreases: only a load counts them again.
+    if (reloaded() || this.earlierWritesSettleAt !== null) await this.tryResync(productId);
     else {
       if (delta > 0) this.stock += delta;
       if (limit !== undefined) this.maxPerUser = limit;
@@ -369,13 +374,13 @@ export class ProductStock extends DurableObject<Env> {
   }
 
   /** Its id, which the write also leaves in D1 (`products.admin_write_id`). */
-  private recordAdminWrite(decrease: number, tighterLimit: number | null): string {
+  private recordAdminWrite(decrease: number, maxPerUser: number | null): string {
     const writeId = crypto.randomUUID();
     this.sql.exec(
-      "INSERT INTO admin_writes (write_id, decrease, tighter_limit, started_at) VALUES (?, ?, ?, ?)",
+      "INSERT INTO admin_writes (write_id, decrease, max_per_user, started_at) VALUES (?, ?, ?, ?)",
       writeId,
       decrease,
-      tighterLimit,
+      maxPerUser,
       Date.now(),
     );
     this.ownAdminWrites.add(writeId);
@@ -671,12 +676,12 @@ export class ProductStock extends DurableObject<Env> {
     const leftovers = this.sql.exec<{ order_key: string }>("SELECT order_key FROM reservations").toArray().map((r) => r.order_key);
     const inFlight = this.decreasesInFlight;
     const startedBefore = this.decreasesStarted;
-    // Likewise every tighter limit in flight during the read (adjust lowers this while a load runs).
+    // Likewise every limit in flight during the read: the tighter of them and D1's (adjust lowers this meanwhile).
     this.limitForLoad = this.limitsInFlight.reduce<number | null>(tighterOf, null);
     const readStartedAt = Date.now();
     const earlier = this.sql
-      .exec<{ write_id: string; decrease: number; tighter_limit: number | null; started_at: number }>(
-        "SELECT write_id, decrease, tighter_limit, started_at FROM admin_writes",
+      .exec<{ write_id: string; decrease: number; max_per_user: number | null; started_at: number }>(
+        "SELECT write_id, decrease, max_per_user, started_at FROM admin_writes",
       )
       .toArray()
       .filter((w) => !this.ownAdminWrites.has(w.write_id));
@@ -685,7 +690,7 @@ export class ProductStock extends DurableObject<Env> {
     // Earlier admin writes (of an earlier life, or whose reply was lost): one D1 shows as its latest is in
     // the snapshot, and one begun ADMIN_WRITE_SETTLED_MS before the read has landed or never will; both are
     // forgotten. Any other may still land after the read: counted like a write in flight (its decrease
-    // taken, its tighter limit kept) until the alarm or the next decision after that time reads D1 again.
+    // taken, its limit kept if tighter) until the alarm or the next decision after that time reads D1 again.
     const unsettled = earlier.filter((w) => w.write_id !== snapshot.adminWriteId && w.started_at + ADMIN_WRITE_SETTLED_MS > readStartedAt);
     for (const w of earlier) if (!unsettled.includes(w)) this.sql.exec("DELETE FROM admin_writes WHERE write_id = ?", w.write_id);
     this.earlierWritesSettleAt = unsettled.length > 0 ? Math.max(...unsettled.map((w) => w.started_at)) + ADMIN_WRITE_SETTLED_MS : null;
@@ -698,7 +703,7 @@ export class ProductStock extends DurableObject<Env> {
     // taken, erring low (the adjust reads D1 again after its write).
     const earlierDecreases = unsettled.reduce((n, w) => n + w.decrease, 0);
     this.stock = snapshot.stock - inFlight - (this.decreasesStarted - startedBefore) - earlierDecreases;
-    this.maxPerUser = unsettled.reduce((max, w) => tighterOf(max, w.tighter_limit), tighterOf(snapshot.maxPerUser, this.limitForLoad));
+    this.maxPerUser = unsettled.reduce((max, w) => tighterOf(max, w.max_per_user), tighterOf(snapshot.maxPerUser, this.limitForLoad));
     this.loads += 1;
     this.reserved = this.sql
       .exec<{ total: number }>("SELECT coalesce(sum(quantity), 0) AS total FROM reservations WHERE kind = 'SALE'")

@@ -550,6 +550,60 @@ describe("an admin change whose D1 reply is lost while D1 is still running it", 
     expect(await adminWrites(product.id)).toEqual([]);
   });
 
+  /** Routes admin writes through: the first `lose` have their reply lost (not run), to be landed by the test. */
+  function losingAdminWrites(lose: number) {
+    const lost: (() => Promise<unknown>)[] = [];
+    const restore = interceptAdminWrite(async (run, sql, values) => {
+      if (lost.length >= lose) return run();
+      lost.push(() => env.DB.prepare(sql).bind(...values).run());
+      throw new Error("D1_ERROR: Network connection lost (injected)");
+    });
+    return { lost, restore };
+  }
+
+  const patchProduct = async (productId: number, body: Record<string, unknown>) =>
+    call("PATCH", `/api/admin/products/${productId}`, { token: await adminToken(), body });
+
+  it("a limit kept for a write still in flight survives a later, looser change that commits first", async () => {
+    const product = await makeProduct({ price: 100, stock: 10 });
+    const stub = stockObject(product.id);
+    const writes = losingAdminWrites(1);
+    try {
+      expectProblem(await patchProduct(product.id, { maxPerUser: 2 }), 503, "SERVICE_UNAVAILABLE");
+      expect((await patchProduct(product.id, { maxPerUser: 10 })).status).toBe(200);
+    } finally {
+      writes.restore();
+    }
+    await writes.lost[0]!();
+    const user = await buyer();
+    // D1 now says 2. Before: the object applied 10 over the 2 it kept, and admitted 3 for D1's CHECK to refuse.
+    expect(await stub.reserve(product.id, "three-of-two", 3, user.id)).toMatchObject({ ok: false, reason: "PURCHASE_LIMIT_EXCEEDED", maxPerUser: 2 });
+  });
+
+  it("a looser limit written while a tighter one is kept is kept too, once the tighter one has aged out", async () => {
+    const product = await makeProduct({ price: 100, stock: 20, maxPerUser: 10 });
+    const stub = stockObject(product.id);
+    const start = Date.now();
+    const at = (ms: number) => vi.useFakeTimers({ toFake: ["Date"], now: start + ms });
+    const writes = losingAdminWrites(2);
+    try {
+      // 2 is lost and never lands; 60 s later 5 is lost too, and lands later.
+      expectProblem(await patchProduct(product.id, { maxPerUser: 2 }), 503, "SERVICE_UNAVAILABLE");
+      at(60_000);
+      expectProblem(await patchProduct(product.id, { maxPerUser: 5 }), 503, "SERVICE_UNAVAILABLE");
+      // A re-read (a CHECK refusal, say) once 2 could no longer land but 5 still could: it reads D1's 10.
+      at(ADMIN_WRITE_SETTLED_MS + 10_000);
+      await stub.resync(product.id);
+      const user = await buyer();
+      // Before: 5 was recorded as no tighter than the 2 then kept, and the object took D1's 10.
+      expect(await stub.reserve(product.id, "six-of-five", 6, user.id)).toMatchObject({ ok: false, maxPerUser: 5 });
+    } finally {
+      vi.useRealTimers();
+      writes.restore();
+    }
+    await writes.lost[1]!();
+  });
+
   it("a change that committed or was refused leaves no record behind", async () => {
     const product = await makeProduct({ price: 100, stock: 3 });
     const admin = await adminToken();
