@@ -13,7 +13,7 @@ import {
 import { expiryOf, isWithinIssueWindow } from "./rules";
 import type { UserCoupon } from "./schemas";
 import { ShardQuota } from "./shard-quota";
-import { gateName, initialQuota, shardOf } from "./shards";
+import { gateName, initialQuota } from "./shards";
 
 // One object per coupon: the authority on who gets it.
 //
@@ -438,16 +438,15 @@ export class CouponGate extends DurableObject<Env> {
   }
 
   /**
-   * Replaces the whole state with D1's (O(holders)); an unknown coupon leaves it empty. A shard keeps only
-   * its own users and keeps its quota and transfers, which D1 does not know: a new shard starts its quota.
+   * Replaces the whole state with D1's (O(holders)); an unknown coupon leaves it empty. A shard's snapshot
+   * holds only its own users (read for `this.shard`); it keeps its quota and transfers, which D1 does not
+   * know: a new shard starts its quota.
    */
   private rebuild(snapshot: GateSnapshot | null): boolean {
     this.ctx.storage.transactionSync(() => {
       for (const table of ["coupon", "holders", "pending", "meta"]) this.sql.exec(`DELETE FROM ${table}`);
       if (!snapshot) return;
-      const { coupon } = snapshot;
-      const holders =
-        coupon.shards === 1 ? snapshot.holders : snapshot.holders.filter((id) => shardOf(id, coupon.shards) === this.shard);
+      const { coupon, holders } = snapshot;
       this.insertTerms({ ...coupon, issued_count: coupon.shards === 1 ? coupon.issued_count : holders.length });
       if (coupon.shards > 1 && this.shard < coupon.shards) {
         this.quota.start(coupon.id, this.shard, initialQuota(coupon.total_quantity, coupon.shards, this.shard));

@@ -22,6 +22,7 @@ export type CouponTerms = {
 
 export interface GateSnapshot {
   coupon: CouponTerms;
+  /** Of the shard asked for. */
   holders: number[];
 }
 
@@ -39,30 +40,30 @@ const COUPON_TERMS = `SELECT id, name, discount_type, discount_value, min_order_
 const IDS_PER_LOOKUP = 10_000;
 
 /**
- * The coupon and everyone who holds it, or null when there is no such coupon. O(holders): the rebuild.
- * With `shard`, of a sharded coupon, that shard's count in D1 is also set from its users' rows in the same
- * transaction: a count that drifted (batches of code from before migration 0008, say) heals with the rebuild
- * its disagreement caused.
+ * The coupon and the holders of gate `shard` (every holder for a coupon of one shard), or null when there
+ * is no such coupon. O(holders): the rebuild. For a sharded coupon, the shard's count in D1 is also set from
+ * its users' rows in the same transaction: a count that drifted (batches of code from before migration 0008,
+ * say) heals with the rebuild its disagreement caused.
  */
-export async function readGateSnapshot(db: D1Database, couponId: number, shard?: number): Promise<GateSnapshot | null> {
-  const recount =
-    shard === undefined
-      ? []
-      : [
-          db
-            .prepare(
-              `INSERT INTO coupon_shard_counts (coupon_id, shard, issued_count)
-               SELECT c.id, ?2, (SELECT count(*) FROM user_coupons u WHERE u.coupon_id = c.id AND ${shardOfSql("u.user_id", "c.shards")} = ?2)
-               FROM coupons c WHERE c.id = ?1 AND c.shards > 1
-               ON CONFLICT (coupon_id, shard) DO UPDATE SET issued_count = excluded.issued_count`,
-            )
-            .bind(couponId, shard),
-        ];
+export async function readGateSnapshot(db: D1Database, couponId: number, shard: number): Promise<GateSnapshot | null> {
+  const ofShard = shardOfSql("u.user_id", "c.shards");
   // One batch is one transaction: the count and the holders come from the same moment.
   const [coupon, holders] = await db.batch<Record<string, unknown>>([
     db.prepare(COUPON_TERMS).bind(couponId),
-    db.prepare("SELECT user_id FROM user_coupons WHERE coupon_id = ?").bind(couponId),
-    ...recount,
+    db
+      .prepare(
+        `SELECT u.user_id FROM user_coupons u JOIN coupons c ON c.id = u.coupon_id
+         WHERE u.coupon_id = ?1 AND (c.shards = 1 OR ${ofShard} = ?2)`,
+      )
+      .bind(couponId, shard),
+    db
+      .prepare(
+        `INSERT INTO coupon_shard_counts (coupon_id, shard, issued_count)
+         SELECT c.id, ?2, (SELECT count(*) FROM user_coupons u WHERE u.coupon_id = c.id AND ${ofShard} = ?2)
+         FROM coupons c WHERE c.id = ?1 AND c.shards > 1
+         ON CONFLICT (coupon_id, shard) DO UPDATE SET issued_count = excluded.issued_count`,
+      )
+      .bind(couponId, shard),
   ]);
   const row = coupon?.results[0] as CouponTerms | undefined;
   if (!row) return null;
