@@ -95,6 +95,12 @@ const interceptAdminWrite = (write: (run: () => Promise<unknown>, sql: string, v
     }) as typeof prepare,
   );
 
+/** Runs a statement the object's admin write would have run, from the test (that write landing late). */
+const runHere = (sql: string, values: unknown[]) =>
+  env.DB.prepare(sql)
+    .bind(...values)
+    .run();
+
 /**
  * The object's admin write held until `release()`; `held()` once it is waiting. `landHere()` runs the same
  * statement from the test instead (the write of an object whose life has ended, landing late).
@@ -107,10 +113,7 @@ function stalledAdminWrite() {
     await write.opened;
     return run();
   });
-  const landHere = () =>
-    env.DB.prepare(held!.sql)
-      .bind(...held!.values)
-      .run();
+  const landHere = () => runHere(held!.sql, held!.values);
   return { held: () => held !== null, release: write.open, landHere, restore };
 }
 
@@ -532,7 +535,7 @@ describe("an admin change whose D1 reply is lost while D1 is still running it", 
     await stub.snapshot(product.id);
     let landHere: (() => Promise<unknown>) | null = null;
     const restore = interceptAdminWrite(async (run, sql, values) => {
-      landHere = () => env.DB.prepare(sql).bind(...values).run();
+      landHere = () => runHere(sql, values);
       throw new Error("D1_ERROR: Network connection lost (injected)");
     });
     try {
@@ -555,7 +558,7 @@ describe("an admin change whose D1 reply is lost while D1 is still running it", 
     const lost: (() => Promise<unknown>)[] = [];
     const restore = interceptAdminWrite(async (run, sql, values) => {
       if (lost.length >= lose) return run();
-      lost.push(() => env.DB.prepare(sql).bind(...values).run());
+      lost.push(() => runHere(sql, values));
       throw new Error("D1_ERROR: Network connection lost (injected)");
     });
     return { lost, restore };
